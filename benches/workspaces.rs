@@ -1,0 +1,143 @@
+//! Measures derrick end to end through its HTTP API, against real `derrick` processes and real Git
+//! repositories: cold versus warm create, reset of a 5,000-file versus a 50,000-file repository,
+//! and the overhead of `cmd_with_output` over a raw `bash -c true`.
+//!
+//! Run with `cargo bench --bench workspaces` as root; it prints a Markdown table for
+//! `docs/benchmarks.md`. `DERRICK_BENCH_LAYERS=copy` measures the copy fallback instead.
+
+#[path = "../tests/it/support/derrick.rs"]
+#[expect(dead_code, reason = "the benchmark uses only part of the test harness")]
+mod harness;
+#[path = "../tests/it/support/repos.rs"]
+#[expect(dead_code, reason = "the benchmark uses only part of the test helpers")]
+mod repos;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use harness::{Derrick, config};
+use repos::TestRepo;
+
+/// Samples per measurement; enough for a stable median on a 2-core machine within minutes.
+const SAMPLES: usize = 20;
+
+/// Cold creates are slow by design (a one-second setup), so fewer samples.
+const COLD_SAMPLES: usize = 5;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let layers = std::env::var("DERRICK_BENCH_LAYERS").unwrap_or_else(|_| "overlay".to_owned());
+    runtime.block_on(async {
+        println!("| measurement | samples | p50 | p95 |");
+        println!("| --- | --- | --- | --- |");
+        create_cold_and_warm(&layers).await;
+        for files in [5_000, 50_000] {
+            reset(&layers, files).await;
+        }
+        command_overhead(&layers).await;
+    });
+}
+
+async fn create_cold_and_warm(layers: &str) {
+    let repository = TestRepo::with_files(100);
+    let mut cold = Vec::new();
+    for _ in 0..COLD_SAMPLES {
+        let derrick = Derrick::start_with(
+            &config(repository.path().display(), "sleep 1"),
+            &["--layers", layers],
+            &[],
+        );
+        let started = Instant::now();
+        derrick.create().await;
+        cold.push(started.elapsed());
+    }
+    report(
+        &format!("create, cold, setup `sleep 1` ({layers})"),
+        &mut cold,
+    );
+
+    let derrick = Derrick::start_with(
+        &config(repository.path().display(), "sleep 1"),
+        &["--layers", layers],
+        &[],
+    );
+    derrick.create().await;
+    let mut warm = Vec::new();
+    for _ in 0..SAMPLES {
+        let started = Instant::now();
+        let created = derrick.create().await;
+        warm.push(started.elapsed());
+        assert_eq!(created["cache"]["hit"], "setup");
+    }
+    report(&format!("create, warm ({layers})"), &mut warm);
+}
+
+async fn reset(layers: &str, files: usize) {
+    let repository = TestRepo::with_files(files);
+    let derrick = Derrick::start_with(
+        &config(repository.path().display(), ""),
+        &["--layers", layers],
+        &[],
+    );
+    let id = derrick.create_id().await;
+    let mut samples = Vec::new();
+    for round in 0..SAMPLES {
+        derrick.output(&id, &format!("echo {round} > code/app/changed.txt && rm -f code/app/README.md && mkdir -p new && touch new/file")).await;
+        let started = Instant::now();
+        let reply = derrick
+            .post(&format!("/workspaces/{id}/reset"), json!({}))
+            .await;
+        samples.push(started.elapsed());
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    report(&format!("reset, {files} files ({layers})"), &mut samples);
+}
+
+async fn command_overhead(layers: &str) {
+    let repository = TestRepo::with_files(10);
+    let derrick = Derrick::start_with(
+        &config(repository.path().display(), ""),
+        &["--layers", layers],
+        &[],
+    );
+    let id = derrick.create_id().await;
+    let mut through_derrick = Vec::new();
+    let mut raw = Vec::new();
+    for _ in 0..SAMPLES * 10 {
+        let started = Instant::now();
+        derrick.run(&id, "true").await;
+        through_derrick.push(started.elapsed());
+
+        let started = Instant::now();
+        let status = std::process::Command::new("bash")
+            .args(["-c", "true"])
+            .status()
+            .expect("bash");
+        raw.push(started.elapsed());
+        assert!(status.success());
+    }
+    report(
+        &format!("`cmd_with_output` of `true` over HTTP ({layers})"),
+        &mut through_derrick,
+    );
+    report("raw `bash -c true`", &mut raw);
+}
+
+fn report(name: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let percentile = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "| {name} | {} | {:.1} ms | {:.1} ms |",
+        samples.len(),
+        millis(percentile(0.5)),
+        millis(percentile(0.95))
+    );
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}

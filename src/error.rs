@@ -1,0 +1,137 @@
+//! The error type that every core operation returns.
+//!
+//! Each variant is one error code of the wire contract and carries the values its message needs.
+//! This module decides codes and messages; the HTTP status and the NATS envelope are decided by
+//! the transports.
+//!
+//! Invariant: no variant holds a credential. Git URLs appear only as `RepoUrl`, which has no
+//! user info, and command output comes from inside the workspace, where no token is ever placed.
+
+use std::fmt;
+
+/// The result type of the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a failed operation reports to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or names a value that does not exist (a missing `working_dir`).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// A `content` field is not valid base64.
+    #[error(
+        "invalid base64 in `{field}`: {reason}; send standard base64 (line breaks are allowed)"
+    )]
+    InvalidBase64 { field: &'static str, reason: String },
+
+    /// A path in a request resolves outside the workspace root.
+    #[error(
+        "path `{path}` resolves outside the workspace; use a path inside the workspace root \
+         without `..` or symbolic links that leave it"
+    )]
+    PathOutsideWorkspace { path: String },
+
+    /// The request lacks a valid API token.
+    #[error("missing or invalid bearer token; send `Authorization: Bearer <token>`")]
+    Unauthorized,
+
+    /// No workspace with this id exists (or it was destroyed).
+    #[error("workspace `{id}` not found; list workspaces with GET /workspaces")]
+    WorkspaceNotFound { id: String },
+
+    /// No endpoint has this method and path.
+    #[error("no endpoint {method} {path}; the endpoints are listed in the API documentation")]
+    RouteNotFound { method: String, path: String },
+
+    /// The file to read does not exist.
+    #[error("file `{path}` not found in workspace `{id}`")]
+    FileNotFound { id: String, path: String },
+
+    /// The state machine does not allow this operation in the workspace's current state.
+    #[error(
+        "cannot {op} workspace `{id}` in state `{state}`; allowed operations in `{state}`: {allowed}"
+    )]
+    InvalidTransition {
+        id: String,
+        state: String,
+        op: String,
+        allowed: String,
+    },
+
+    /// A body, file or reply exceeds a documented limit.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge { what: String, size: u64, limit: u64 },
+
+    /// A command run through `/cmd` exited non-zero.
+    #[error("command exited with code {exit_code}")]
+    CommandFailed {
+        exit_code: i32,
+        output: String,
+        truncated: bool,
+    },
+
+    /// The setup script exited non-zero (or was killed by the operator's setup timeout).
+    #[error(
+        "setup script of workspace `{id}` failed with exit code {exit_code}; fix `setup_script` in the configuration and create again"
+    )]
+    SetupFailed {
+        id: String,
+        exit_code: i32,
+        output: String,
+    },
+
+    /// A Git operation failed. `url` is credential-free.
+    #[error("git {step} failed for `{url}`: {reason}")]
+    GitFailed {
+        step: &'static str,
+        url: String,
+        reason: String,
+    },
+
+    /// The provider's backend (Docker engine, NATS, a worker) cannot be reached.
+    #[error("provider unavailable: {0}")]
+    ProviderUnavailable(String),
+
+    /// An unexpected failure. The message goes to the log; clients see only `internal`.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Returns the snake_case code of the wire contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidBase64 { .. } => "invalid_base64",
+            Error::PathOutsideWorkspace { .. } => "path_outside_workspace",
+            Error::Unauthorized => "unauthorized",
+            Error::WorkspaceNotFound { .. } => "workspace_not_found",
+            Error::RouteNotFound { .. } => "not_found",
+            Error::FileNotFound { .. } => "file_not_found",
+            Error::InvalidTransition { .. } => "invalid_transition",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::CommandFailed { .. } => "command_failed",
+            Error::SetupFailed { .. } => "setup_failed",
+            Error::GitFailed { .. } => "git_failed",
+            Error::ProviderUnavailable(_) => "provider_unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// Wraps an unexpected failure with the operation that hit it.
+    pub fn internal(context: impl fmt::Display, source: impl fmt::Display) -> Self {
+        Error::Internal(format!("{context}: {source}"))
+    }
+
+    /// Builds an `invalid_request` error from a message.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Error::InvalidRequest(message.into())
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(error: tokio::task::JoinError) -> Self {
+        Error::internal("blocking task failed", error)
+    }
+}

@@ -1,0 +1,9 @@
+//! Implementations of `engine::Provider`: the places that hold workspaces and their layers.
+//!
+//! Each implementation lives in a module of its own and is named only by the command line; the
+//! engine sees an `Arc<dyn Provider>`.
+//!
+//! Invariant: implementations never import each other, and they use only the trait and its types
+//! from `engine`, never the engine's logic.
+
+pub mod local;

@@ -1,0 +1,308 @@
+//! The HTTP transport: the paths and bodies of the original derrick, over the service core.
+//!
+//! Handlers extract their inputs, call one engine function and convert the result. Every error,
+//! including a malformed body and an oversized one, gets the JSON envelope of the wire contract.
+//!
+//! Invariant: this module decides HTTP statuses and nothing else; it never branches on a
+//! workspace's state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::api::{self, ErrorBody};
+use crate::engine::{Engine, MAX_FILE_BYTES};
+use crate::error::Error;
+
+/// Largest request body: a `write_file` of `MAX_FILE_BYTES` in base64 (4/3 of its size) with
+/// line breaks every 76 characters, plus room for the JSON around it.
+pub const MAX_REQUEST_BYTES: usize = (MAX_FILE_BYTES as usize / 3 * 4) * 78 / 76 + 64 * 1024;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+}
+
+/// Builds the router; tests drive it with `oneshot` or a listener of their own.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/states", get(states))
+        .route("/workspaces", post(create).get(list))
+        .route("/workspaces/{id}", get(workspace).delete(destroy))
+        .route("/workspaces/{id}/cmd", post(command))
+        .route(
+            "/workspaces/{id}/cmd_with_output",
+            post(command_with_output),
+        )
+        .route("/workspaces/{id}/write_file", post(write_file))
+        .route("/workspaces/{id}/read_file", post(read_file))
+        .route("/workspaces/{id}/reset", post(reset))
+        .route("/workspaces/{id}/fetch", post(fetch))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+/// Serves `router` on `listen` until `shutdown` is cancelled, then lets running requests finish.
+///
+/// # Errors
+/// Fails when the address cannot be bound.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    info!(address = %listener.local_addr()?, "http server listening");
+    axum::serve(listener, router(AppState { engine }))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// An error in the wire contract's envelope.
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        ApiError(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(&self.0);
+        if status.is_server_error() {
+            error!(code = self.0.code(), error = %self.0, "request failed");
+        }
+        (status, Json(ErrorBody::from_error(&self.0))).into_response()
+    }
+}
+
+/// Returns the HTTP status of an error code.
+pub fn status_of(error: &Error) -> StatusCode {
+    match error {
+        Error::InvalidRequest(_)
+        | Error::InvalidBase64 { .. }
+        | Error::PathOutsideWorkspace { .. } => StatusCode::BAD_REQUEST,
+        Error::Unauthorized => StatusCode::UNAUTHORIZED,
+        Error::WorkspaceNotFound { .. }
+        | Error::FileNotFound { .. }
+        | Error::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::InvalidTransition { .. } => StatusCode::CONFLICT,
+        Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::CommandFailed { .. } | Error::SetupFailed { .. } | Error::GitFailed { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        Error::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A JSON body whose rejections use the error envelope. An empty body is `T::default()` for the
+/// operations whose body is optional (`create`, `fetch`).
+pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: DeserializeOwned + BodyDefault,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(body_rejection)?;
+        if bytes.iter().all(u8::is_ascii_whitespace)
+            && let Some(default) = T::empty_body()
+        {
+            return Ok(Body(default));
+        }
+        serde_json::from_slice(&bytes).map(Body).map_err(|error| {
+            ApiError(Error::invalid_request(format!(
+                "invalid JSON body: {error}"
+            )))
+        })
+    }
+}
+
+/// What an empty body means for a request type.
+pub trait BodyDefault: Sized {
+    /// Returns the value of an empty body, or `None` when a body is required.
+    fn empty_body() -> Option<Self> {
+        None
+    }
+}
+
+impl BodyDefault for api::CreateRequest {
+    fn empty_body() -> Option<Self> {
+        Some(Self::default())
+    }
+}
+
+impl BodyDefault for api::FetchRequest {
+    fn empty_body() -> Option<Self> {
+        Some(Self::default())
+    }
+}
+
+impl BodyDefault for api::CommandRequest {}
+impl BodyDefault for api::WriteFileRequest {}
+impl BodyDefault for api::ReadFileRequest {}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = MAX_REQUEST_BYTES as u64;
+        return ApiError(Error::PayloadTooLarge {
+            what: "request body".to_owned(),
+            size: limit + 1,
+            limit,
+        });
+    }
+    ApiError(Error::invalid_request(format!(
+        "cannot read the request body: {rejection}"
+    )))
+}
+
+type Reply<T> = Result<T, ApiError>;
+
+async fn health() -> Json<api::HealthResponse> {
+    Json(api::HealthResponse { healthy: true })
+}
+
+async fn states(State(state): State<AppState>) -> Response {
+    Json(state.engine.states().clone()).into_response()
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Body(request): Body<api::CreateRequest>,
+) -> Reply<Json<api::CreateResponse>> {
+    Ok(Json(state.engine.create(request).await?))
+}
+
+async fn list(State(state): State<AppState>) -> Json<api::ListResponse> {
+    Json(state.engine.list())
+}
+
+async fn workspace(State(state): State<AppState>, Path(id): Path<String>) -> Reply<Response> {
+    Ok(Json(state.engine.get(&id)?).into_response())
+}
+
+async fn destroy(State(state): State<AppState>, Path(id): Path<String>) -> Reply<Json<bool>> {
+    state.engine.destroy(&id).await?;
+    Ok(Json(true))
+}
+
+async fn command(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(request): Body<api::CommandRequest>,
+) -> Reply<Json<api::CommandResponse>> {
+    Ok(Json(state.engine.command_checked(&id, request).await?))
+}
+
+async fn command_with_output(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(request): Body<api::CommandRequest>,
+) -> Reply<Json<api::CommandOutput>> {
+    Ok(Json(state.engine.command(&id, request).await?))
+}
+
+async fn write_file(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(request): Body<api::WriteFileRequest>,
+) -> Reply<Json<api::WriteFileResponse>> {
+    Ok(Json(state.engine.write_file(&id, request).await?))
+}
+
+async fn read_file(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(request): Body<api::ReadFileRequest>,
+) -> Reply<Response> {
+    let bytes = state.engine.read_file(&id, request).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn reset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Reply<Json<api::ResetResponse>> {
+    Ok(Json(state.engine.reset(&id).await?))
+}
+
+async fn fetch(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(request): Body<api::FetchRequest>,
+) -> Reply<Json<api::FetchResponse>> {
+    Ok(Json(state.engine.fetch(&id, request).await?))
+}
+
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(Error::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_limit_fits_largest_file() {
+        let encoded = (MAX_FILE_BYTES as usize).div_ceil(3) * 4;
+        assert!(MAX_REQUEST_BYTES > encoded + encoded / 76 * 2);
+    }
+
+    #[test]
+    fn every_code_has_its_status() {
+        let cases = [
+            (Error::invalid_request("x"), 400),
+            (
+                Error::PathOutsideWorkspace {
+                    path: "..".to_owned(),
+                },
+                400,
+            ),
+            (Error::WorkspaceNotFound { id: "x".to_owned() }, 404),
+            (
+                Error::PayloadTooLarge {
+                    what: "x".to_owned(),
+                    size: 2,
+                    limit: 1,
+                },
+                413,
+            ),
+            (
+                Error::GitFailed {
+                    step: "fetch",
+                    url: "u".to_owned(),
+                    reason: "r".to_owned(),
+                },
+                422,
+            ),
+            (Error::ProviderUnavailable("x".to_owned()), 503),
+            (Error::Internal("x".to_owned()), 500),
+        ];
+        for (error, status) in cases {
+            assert_eq!(status_of(&error).as_u16(), status, "{}", error.code());
+        }
+    }
+}

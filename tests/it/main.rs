@@ -1,0 +1,13 @@
+//! derrick's integration tests: one binary with a module per area and shared helpers in
+//! `support`.
+
+mod support;
+
+mod cache;
+mod cli;
+mod commands;
+mod credentials;
+mod files;
+mod git_server;
+mod reset;
+mod workspaces;

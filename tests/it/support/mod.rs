@@ -1,0 +1,15 @@
+//! Helpers shared by the integration-test modules: real Git repositories built with the `git`
+//! CLI (`repos`) and a loopback Git smart HTTP server with optional Basic authentication
+//! (`git_server`).
+
+// Each test module uses a different part of this shared code, so the part that no module uses
+// yet would warn as dead code. `expect` does not fit, because that part changes as modules are
+// added.
+#![allow(
+    dead_code,
+    reason = "shared by many test modules, each using only part of it"
+)]
+
+pub mod derrick;
+pub mod git_server;
+pub mod repos;
