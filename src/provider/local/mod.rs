@@ -154,7 +154,7 @@ impl LocalProvider {
         let layers = self
             .blocking(move |layout| workspace::load_blocking(layout, format, &owned))
             .await?;
-        self.workspaces.insert(id, layers.clone());
+        self.workspaces.adopt(id, layers.clone());
         Ok(layers)
     }
 

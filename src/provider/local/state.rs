@@ -3,9 +3,11 @@
 //!
 //! The map is behind a std `Mutex` that is held only to look an entry up, never across an
 //! `.await` or a system call. Each entry has a lock of its own, so work on one workspace does not
-//! wait for work on another. The layer stack is also stored in `layers.json` (see `workspace`), which is
-//! how a restarted provider finds it again; process groups are not, since a restart loses them
-//! anyway and the `/proc` scan still finds the processes.
+//! wait for work on another.
+//!
+//! The layer stack is also stored in `layers.json` (see `workspace`), which is how a restarted
+//! provider finds it again. Process groups are not stored: a restart loses track of them, and
+//! the `/proc` scan by workspace id still finds their processes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -38,13 +40,25 @@ impl Workspaces {
         Some(lock(&entry).layers.clone())
     }
 
-    /// Starts tracking a workspace (a fresh one, or one found on disk), replacing any old state.
+    /// Starts tracking a freshly provisioned workspace, replacing any old state.
     pub(super) fn insert(&self, id: &WorkspaceId, layers: Vec<LayerKey>) {
         let state = WorkspaceState {
             layers,
             groups: Vec::new(),
         };
         lock(&self.entries).insert(id.clone(), Arc::new(Mutex::new(state)));
+    }
+
+    /// Starts tracking a workspace found on disk, unless a concurrent request already did.
+    pub(super) fn adopt(&self, id: &WorkspaceId, layers: Vec<LayerKey>) {
+        let state = WorkspaceState {
+            layers,
+            groups: Vec::new(),
+        };
+        let mut entries = lock(&self.entries);
+        entries
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(state)));
     }
 
     /// Replaces the layer stack after a snapshot.
