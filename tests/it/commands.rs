@@ -240,3 +240,25 @@ async fn environment_is_cleared_and_layered() {
     let root = derrick.workspace_root(id);
     assert_eq!(home, format!("{0}\n{0}\n", root.display()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_writer_outlives_its_command() {
+    let (_repository, derrick, id) = started().await;
+    let cmd = "(sleep 0.5; echo late; sleep 0.2; echo alive > background.txt) & echo started";
+    let (body, elapsed) = run_with_timeout(&derrick, &id, cmd, 10.0).await;
+    assert_eq!(body["output"], "started\n");
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "the reply waited for the background process: {elapsed:?}"
+    );
+
+    let marker = derrick.workspace_root(&id).join("background.txt");
+    let written = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&marker).is_ok_and(|text| text == "alive\n")
+    })
+    .await;
+    assert!(
+        written,
+        "the background process died when its output pipe closed"
+    );
+}

@@ -88,7 +88,7 @@ pub(super) async fn run(
         }
     };
     guard.0 = None;
-    drain(&mut receiver, &mut output).await;
+    drain(receiver, &mut output).await;
 
     let (output, truncated) = output.into_text();
     let duration = started.elapsed();
@@ -319,16 +319,22 @@ async fn read_until_exit(
 }
 
 /// Reads what is left in the pipe, for at most [`OUTPUT_DRAIN_GRACE`].
-async fn drain(receiver: &mut Receiver, output: &mut TailBuffer) {
+async fn drain(mut receiver: Receiver, output: &mut TailBuffer) {
     let deadline = Instant::now() + OUTPUT_DRAIN_GRACE;
     let mut chunk = vec![0; READ_CHUNK_BYTES];
-    // The end of the pipe, a read error or the deadline all end the reply's output the same way:
-    // the command has finished, and the output so far is what it gets.
-    while let Ok(Ok(count @ 1..)) =
-        tokio::time::timeout_at(deadline, receiver.read(&mut chunk)).await
-    {
-        output.push(&chunk[..count]);
+    loop {
+        match tokio::time::timeout_at(deadline, receiver.read(&mut chunk)).await {
+            Ok(Ok(count @ 1..)) => output.push(&chunk[..count]),
+            // The end of the pipe or a read error: the output so far is what the reply gets.
+            Ok(_) => return,
+            Err(_) => break,
+        }
     }
+
+    // A background process (`server &`) still holds the pipe. Reading on and discarding keeps
+    // its writes from failing with SIGPIPE, which would kill it; the task ends with the last
+    // writer, at the latest when a reset or destroy kills the workspace's processes.
+    tokio::spawn(async move { while let Ok(1..) = receiver.read(&mut chunk).await {} });
 }
 
 /// Returns the exit code, or 128 + the signal for a process killed by one, as shells do.
