@@ -2,7 +2,7 @@
 //!
 //! Each key is the SHA-256 of a canonical JSON serialization: structs with a fixed field order and
 //! `BTreeMap`s with sorted keys, never a `Debug` string or a `HashMap`. Equal configurations get
-//! equal keys however their file was written, and any change of what a layer holds gives a new key.
+//! equal keys however their file was written, and any change of a layer's content gives a new key.
 //!
 //! Invariant: the `*Input` structs are a persisted format. Changing a field, its order or
 //! `FORMAT_VERSION` changes every key and so invalidates every cached layer; the pinned keys in the

@@ -1,7 +1,7 @@
 //! The declared workspace state machine (`states/workspace.json`).
 //!
 //! The declaration is compiled in with `include_str!`, validated at start-up and in a test, and
-//! is the only place that decides whether an operation is allowed in a state. The engine asks
+//! is the only place that decides whether an operation is allowed in a state. The engine calls
 //! `StateMachine::next` before every step and records what it returns.
 //!
 //! Invariant: the JSON file is a format that clients read through `GET /states`; renaming a

@@ -123,6 +123,7 @@ impl Engine {
                 at: now,
                 duration_ms,
             }],
+            history_dropped: 0,
             layers,
             repositories: Vec::new(),
             failure: None,

@@ -41,7 +41,7 @@ pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// lock files and small artifacts while keeping one request's memory bounded.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// What the engine needs besides its provider.
+/// Engine settings besides the provider.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub config: WorkspaceConfig,
@@ -277,7 +277,7 @@ impl Engine {
         Ok(api::FetchResponse { repositories })
     }
 
-    /// Destroys a workspace: kills its processes, removes its environment and forgets it.
+    /// Destroys a workspace: kills its processes, removes its environment and drops its record.
     #[instrument(skip_all, fields(workspace_id = %id))]
     pub async fn destroy(&self, id: &str) -> Result<()> {
         let started = Instant::now();
@@ -300,8 +300,8 @@ impl Engine {
 
     /// Destroys every live workspace, logging each, so that stopping derrick leaves no mount or
     /// process behind.
-    // TODO: a restarted derrick cannot re-adopt workspaces yet, so shutdown destroys them; once
-    // records are loaded at start-up, shutdown should keep them and only record their state.
+    // TODO: a restarted derrick cannot re-adopt workspaces yet, so shutdown destroys them. Once
+    // start-up loads the records, shutdown should keep the workspaces and only record their state.
     pub async fn shutdown(&self) {
         let ids: Vec<WorkspaceId> = self
             .workspaces
@@ -348,7 +348,7 @@ impl Engine {
                 at: record::now_rfc3339(),
                 duration_ms,
             };
-            record.history.push(entry);
+            record.push_history(entry);
         }
         self.persist(workspace).await
     }

@@ -1,4 +1,4 @@
-//! The provider trait: what the engine needs from a place that holds workspaces.
+//! The provider trait: the operations the engine needs from a place that contains workspaces.
 //!
 //! A provider owns environments (a mounted directory, a container) and layers (directories,
 //! images). It never decides whether an operation is allowed; the engine checks the state machine
@@ -48,7 +48,7 @@ impl std::fmt::Display for WorkspaceId {
     }
 }
 
-/// What a complete layer records about itself, stored beside its content.
+/// Metadata of a complete layer, stored beside its content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerMeta {
     pub key: LayerKey,
@@ -74,7 +74,7 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
 }
 
-/// What a finished command produced.
+/// The result of a finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     /// stdout and stderr interleaved, invalid UTF-8 replaced, the tail kept when capped.
@@ -86,7 +86,7 @@ pub struct ExecOutput {
     pub duration: Duration,
 }
 
-/// A place that holds workspaces and their layers.
+/// A place that contains workspaces and their layers.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     /// Names the provider and its layer format (`local/overlay`, `local/copy`, `docker`); it is

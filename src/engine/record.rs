@@ -1,7 +1,7 @@
 //! The workspace record: state, history, layers and commits, written atomically on every change.
 //!
 //! Invariant: the record is a persisted format that a restarted derrick reads, and the body of
-//! `GET /workspaces/{id}`. It never holds environment values, which may carry secrets.
+//! `GET /workspaces/{id}`. It never contains environment values, which may carry secrets.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use crate::engine::provider::WorkspaceId;
 use crate::error::{Error, Result};
 use crate::keys::{LayerKey, LayerKind};
 
-/// Everything derrick knows about one workspace.
+/// The stored state of one workspace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkspaceRecord {
     pub id: WorkspaceId,
@@ -23,7 +23,11 @@ pub struct WorkspaceRecord {
     pub created_at: String,
     /// Which cached layer the create started from: `setup`, `repositories` or `none`.
     pub cache_hit: String,
+    /// The latest transitions, oldest first; at most `MAX_HISTORY_ENTRIES`.
     pub history: Vec<HistoryEntry>,
+    /// How many older transitions were dropped to keep `history` bounded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_dropped: u64,
     /// The workspace's layers, bottom first.
     pub layers: Vec<LayerRecord>,
     pub repositories: Vec<RepositoryRecord>,
@@ -61,7 +65,7 @@ pub struct RepositoryRecord {
     pub commit: String,
 }
 
-/// Why a workspace is `failed`.
+/// The cause of a `failed` state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     /// The operation that failed (`clone`, `setup`, `reset`, ...).
@@ -71,7 +75,7 @@ pub struct Failure {
     pub output: String,
 }
 
-/// The folder that holds one JSON file per workspace.
+/// The folder with one JSON file per workspace.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     directory: PathBuf,
@@ -122,9 +126,64 @@ impl RecordStore {
     }
 }
 
+/// Transitions kept in a record. A workspace reset many times a day would otherwise grow its
+/// record, rewritten on every transition, without bound; 256 entries cover days of a busy agent.
+pub const MAX_HISTORY_ENTRIES: usize = 256;
+
+impl WorkspaceRecord {
+    /// Appends a transition, dropping the oldest ones beyond `MAX_HISTORY_ENTRIES`.
+    pub fn push_history(&mut self, entry: HistoryEntry) {
+        self.history.push(entry);
+        let excess = self.history.len().saturating_sub(MAX_HISTORY_ENTRIES);
+        if excess > 0 {
+            self.history.drain(..excess);
+            self.history_dropped += excess as u64;
+        }
+    }
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
+}
+
 /// Returns the current time in RFC 3339.
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .expect("a current UTC time always formats as RFC 3339")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_latest_entries() {
+        let id = WorkspaceId::parse("ws-0123456789abcdef0123456789abcdef").expect("valid id");
+        let mut record = WorkspaceRecord {
+            id,
+            state: "running".to_owned(),
+            name: "n".to_owned(),
+            provider: "local/overlay".to_owned(),
+            created_at: now_rfc3339(),
+            cache_hit: "none".to_owned(),
+            history: Vec::new(),
+            history_dropped: 0,
+            layers: Vec::new(),
+            repositories: Vec::new(),
+            failure: None,
+        };
+        for index in 0..MAX_HISTORY_ENTRIES + 10 {
+            let entry = HistoryEntry {
+                state: "running".to_owned(),
+                op: format!("op{index}"),
+                at: now_rfc3339(),
+                duration_ms: 0,
+            };
+            record.push_history(entry);
+        }
+        assert_eq!(record.history.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(record.history_dropped, 10);
+        assert_eq!(record.history[0].op, "op10");
+    }
 }

@@ -138,7 +138,7 @@ where
     }
 }
 
-/// What an empty body means for a request type.
+/// The meaning of an empty body for a request type.
 pub trait BodyDefault: Sized {
     /// Returns the value of an empty body, or `None` when a body is required.
     fn empty_body() -> Option<Self> {
