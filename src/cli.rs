@@ -16,9 +16,19 @@ use crate::config;
 use crate::engine::{Engine, EngineOptions};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
 use crate::transport;
+use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
 
 /// Default HTTP address: loopback only, the port of the original derrick.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50080";
+
+/// Environment variable that may hold the NATS token instead of `--nats-token`.
+pub const NATS_TOKEN_VARIABLE: &str = "DERRICK_NATS_TOKEN";
+
+/// Environment variable that may hold the NATS password instead of `--nats-password`.
+pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
+
+/// Help heading of the flags that only `-s nats` reads.
+const NATS_HEADING: &str = "NATS server mode (-s nats)";
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -63,8 +73,71 @@ pub struct Cli {
     pub layers: LayersFlag,
 
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub setup_timeout: Option<u64>,
+
+    #[command(flatten)]
+    pub nats: NatsFlags,
+}
+
+/// Flags of the NATS transport. Secrets are `Secret`s, so printing the flags never shows them.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = NATS_HEADING)]
+pub struct NatsFlags {
+    /// NATS server URL; several servers are separated by commas.
+    #[arg(long = "nats-url", default_value = transport::nats::DEFAULT_URL)]
+    pub url: String,
+
+    /// First token(s) of every subject: requests go to `<prefix>.health`,
+    /// `<prefix>.workspaces.create`, and so on.
+    #[arg(long = "nats-subject-prefix", default_value = transport::nats::DEFAULT_SUBJECT_PREFIX)]
+    pub subject_prefix: String,
+
+    /// Token for a server started with `--auth` (or `authorization { token }`).
+    #[arg(
+        long = "nats-token",
+        env = NATS_TOKEN_VARIABLE,
+        hide_env_values = true,
+        conflicts_with_all = ["user", "credentials"]
+    )]
+    pub token: Option<Secret>,
+
+    /// User name; needs `--nats-password`.
+    #[arg(
+        long = "nats-user",
+        requires = "password",
+        conflicts_with = "credentials"
+    )]
+    pub user: Option<String>,
+
+    /// Password of `--nats-user`.
+    #[arg(
+        long = "nats-password",
+        env = NATS_PASSWORD_VARIABLE,
+        hide_env_values = true,
+        requires = "user"
+    )]
+    pub password: Option<Secret>,
+
+    /// Credentials file (user JWT and NKey seed) as `nsc` writes it.
+    #[arg(long = "nats-credentials", value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the server's certificate; implies TLS.
+    #[arg(long = "nats-tls-ca", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for servers that verify clients; needs `--nats-tls-key`.
+    #[arg(long = "nats-tls-cert", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--nats-tls-cert`.
+    #[arg(long = "nats-tls-key", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Refuse to connect without TLS.
+    #[arg(long = "nats-tls-required")]
+    pub tls_required: bool,
 }
 
 /// `-p` values, as in the original derrick.
@@ -102,16 +175,63 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             mode_name(cli.provisioning_mode)
         );
     }
-    if cli.server_mode != ServerMode::Http {
-        bail!("server mode `nats` is not available in this build; use `-s http`");
-    }
-    if !cli.listen.ip().is_loopback() {
+    if cli.server_mode == ServerMode::Http && !cli.listen.ip().is_loopback() {
         bail!(
             "--listen {} is not a loopback address; derrick has no authentication yet, so it serves only 127.0.0.1 or ::1",
             cli.listen
         );
     }
 
+    if cli.server_mode == ServerMode::Nats {
+        cli.nats.to_options().validate()?;
+    }
+
+    let engine = Arc::new(build_engine(&cli)?);
+    engine.remove_leftovers().await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(interrupt_on_shutdown(engine.clone(), shutdown.clone()));
+    let served = serve(&cli, engine.clone(), shutdown).await;
+    engine.shutdown().await;
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+impl NatsFlags {
+    /// Converts the flags into the transport's options.
+    pub fn to_options(&self) -> NatsOptions {
+        let auth = match (&self.token, &self.user, &self.password, &self.credentials) {
+            (Some(token), ..) => NatsAuth::Token(token.clone()),
+            (None, Some(user), Some(password), _) => NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (None, _, _, Some(path)) => NatsAuth::CredentialsFile(path.clone()),
+            _ => NatsAuth::None,
+        };
+        let client_certificate = match (&self.tls_cert, &self.tls_key) {
+            (Some(certificate), Some(key)) => Some(ClientCertificate {
+                certificate: certificate.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        NatsOptions {
+            url: self.url.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            auth,
+            tls: NatsTls {
+                ca_file: self.tls_ca.clone(),
+                client_certificate,
+                required: self.tls_required,
+            },
+        }
+    }
+}
+
+/// Loads the configuration and builds the local provider and the engine over it.
+fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
     let config = config::load(&cli.workspace_config_path)?;
     let cache_dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
@@ -133,15 +253,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         state_dir,
         setup_timeout: cli.setup_timeout.map(Duration::from_secs),
     };
-    let engine = Arc::new(Engine::new(options, Arc::new(provider))?);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    transport::http::serve(engine.clone(), cli.listen, shutdown)
-        .await
-        .with_context(|| format!("cannot serve HTTP on {}", cli.listen))?;
-    engine.shutdown().await;
-    info!("stopped");
-    Ok(())
+    Ok(Engine::new(options, Arc::new(provider))?)
+}
+
+/// Serves the engine over the chosen transport until `shutdown`.
+async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match cli.server_mode {
+        ServerMode::Http => transport::http::serve(engine, cli.listen, shutdown)
+            .await
+            .with_context(|| format!("cannot serve HTTP on {}", cli.listen)),
+        // The error names the URL (without user info) and what to check.
+        ServerMode::Nats => {
+            Ok(transport::nats::serve(engine, cli.nats.to_options(), shutdown).await?)
+        }
+    }
 }
 
 fn mode_name(mode: ProvisioningMode) -> &'static str {
@@ -164,6 +289,13 @@ fn default_state_dir() -> PathBuf {
         .join("derrick")
 }
 
+/// Kills the workspaces' running commands and setup scripts once shutdown starts, so that the
+/// transports' graceful shutdown, which waits for running requests, ends promptly.
+async fn interrupt_on_shutdown(engine: Arc<Engine>, shutdown: CancellationToken) {
+    shutdown.cancelled().await;
+    engine.interrupt().await;
+}
+
 async fn cancel_on_signal(shutdown: CancellationToken) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -181,4 +313,103 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         () = terminate => info!("SIGTERM received, shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Cli, clap::Error> {
+        let mut args = vec!["derrick", "-s", "nats", "-w", "config.json"];
+        args.extend_from_slice(flags);
+        Cli::try_parse_from(args)
+    }
+
+    #[test]
+    fn nats_defaults() {
+        let options = parse(&[]).expect("valid flags").nats.to_options();
+        assert_eq!(options.url, "nats://127.0.0.1:4222");
+        assert_eq!(options.subject_prefix, "derrick");
+        assert!(matches!(options.auth, NatsAuth::None));
+        assert!(!options.tls.required);
+    }
+
+    #[test]
+    fn nats_authentication_flags() {
+        let token = parse(&["--nats-token", "t0ken"]).expect("token");
+        let NatsAuth::Token(secret) = token.nats.to_options().auth else {
+            panic!("not token authentication: {token:?}");
+        };
+        assert_eq!(secret.expose(), "t0ken");
+        assert!(!format!("{token:?}").contains("t0ken"));
+
+        let user = parse(&["--nats-user", "agent", "--nats-password", "pa55"]).expect("user");
+        let NatsAuth::UserPassword {
+            user: name,
+            password,
+        } = user.nats.to_options().auth
+        else {
+            panic!("not user authentication: {user:?}");
+        };
+        assert_eq!((name.as_str(), password.expose()), ("agent", "pa55"));
+        assert!(!format!("{user:?}").contains("pa55"));
+
+        let credentials = parse(&["--nats-credentials", "/etc/derrick.creds"]).expect("creds");
+        assert!(matches!(
+            credentials.nats.to_options().auth,
+            NatsAuth::CredentialsFile(path) if path == std::path::Path::new("/etc/derrick.creds")
+        ));
+    }
+
+    #[test]
+    fn nats_tls_flags() {
+        let flags = [
+            "--nats-tls-ca",
+            "ca.pem",
+            "--nats-tls-cert",
+            "client.pem",
+            "--nats-tls-key",
+            "client.key",
+            "--nats-tls-required",
+        ];
+        let tls = parse(&flags).expect("tls").nats.to_options().tls;
+        assert_eq!(tls.ca_file, Some(PathBuf::from("ca.pem")));
+        let client = tls.client_certificate.expect("client certificate");
+        assert_eq!(client.certificate, PathBuf::from("client.pem"));
+        assert_eq!(client.key, PathBuf::from("client.key"));
+        assert!(tls.required);
+    }
+
+    #[test]
+    fn inconsistent_nats_flags_are_refused() {
+        let cases: [(&[&str], clap::error::ErrorKind); 4] = [
+            (
+                &[
+                    "--nats-token",
+                    "t",
+                    "--nats-user",
+                    "u",
+                    "--nats-password",
+                    "p",
+                ],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["--nats-token", "t", "--nats-credentials", "c"],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["--nats-user", "u"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["--nats-tls-cert", "c.pem"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+            ),
+        ];
+        for (flags, kind) in cases {
+            let error = parse(flags).expect_err("refused");
+            assert_eq!(error.kind(), kind, "{flags:?}");
+        }
+    }
 }

@@ -186,14 +186,11 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<WorkspaceConfig,
     let deserializer = &mut serde_json::Deserializer::from_str(text);
     let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
+        let message = error.into_inner().to_string();
         ConfigError {
             file: file.to_owned(),
-            field: if path == "." || path == "?" {
-                "(file)".to_owned()
-            } else {
-                path
-            },
-            message: error.into_inner().to_string(),
+            field: field_of(&path, &message),
+            message,
         }
     })?;
     raw.validate(base_dir)
@@ -301,6 +298,25 @@ impl RawRepository {
             reference: self.reference,
             credentials_env: self.credentials_env,
         })
+    }
+}
+
+/// Names the field of a serde error. A missing field is reported by serde at its parent's path,
+/// so its name is taken from the message.
+fn field_of(path: &str, message: &str) -> String {
+    let parent = if path == "." || path == "?" {
+        None
+    } else {
+        Some(path)
+    };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match (parent, missing) {
+        (Some(parent), Some(missing)) => format!("{parent}.{missing}"),
+        (None, Some(missing)) => missing.to_owned(),
+        (Some(parent), None) => parent.to_owned(),
+        (None, None) => "(file)".to_owned(),
     }
 }
 
@@ -484,8 +500,13 @@ mod tests {
         );
         check_error(
             r#"{"name": "a", "setup_script": ""}"#,
-            "(file)",
+            "repositories",
             "missing field `repositories`",
+        );
+        check_error(
+            r#"{"name": "a", "repositories": [{"path": "/x"}], "setup_script": ""}"#,
+            "repositories[0].url",
+            "missing field `url`",
         );
         check_error(
             r#"{"name": "a", "repositories": [{"url": "ftp://h/x"}], "setup_script": ""}"#,

@@ -44,6 +44,16 @@ pub enum Error {
     #[error("no endpoint {method} {path}; the endpoints are listed in the API documentation")]
     RouteNotFound { method: String, path: String },
 
+    /// The path exists, but not with this method.
+    #[error(
+        "{method} is not allowed on {path}; the endpoints and their methods are listed in the API documentation"
+    )]
+    MethodNotAllowed { method: String, path: String },
+
+    /// A request body exceeds the transport's limit; its full size is not known.
+    #[error("request body is over the limit of {limit} bytes; send files of up to 64 MiB")]
+    BodyTooLarge { limit: u64 },
+
     /// The file to read does not exist.
     #[error("file `{path}` not found in workspace `{id}`")]
     FileNotFound { id: String, path: String },
@@ -108,6 +118,8 @@ impl Error {
             Error::Unauthorized => "unauthorized",
             Error::WorkspaceNotFound { .. } => "workspace_not_found",
             Error::RouteNotFound { .. } => "not_found",
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
+            Error::BodyTooLarge { .. } => "payload_too_large",
             Error::FileNotFound { .. } => "file_not_found",
             Error::InvalidTransition { .. } => "invalid_transition",
             Error::PayloadTooLarge { .. } => "payload_too_large",

@@ -91,6 +91,10 @@ pub struct Checkout {
     pub branch: Option<String>,
     /// The identity written to the checkout's `user.name` and `user.email`.
     pub author: GitAuthor,
+    /// The commit derrick itself last checked out here. When HEAD is still on it and no tracked
+    /// file changed, an update may move HEAD to a commit that is not a fast-forward (after an
+    /// upstream force-push), because no agent work sits on that commit.
+    pub previous: Option<String>,
 }
 
 /// Result of bringing an existing checkout to a newer commit.
@@ -923,7 +927,10 @@ fn fast_forward(
         .is_some_and(|branch| head.name() == Some(format!("refs/heads/{branch}").as_str()));
     let detached = repository.head_detached()?;
     let is_fast_forward = before != target && repository.graph_descendant_of(target, before)?;
-    if !(on_configured_branch || detached) || !is_fast_forward {
+    let untouched = before != target
+        && checkout.previous.as_deref() == Some(before.to_string().as_str())
+        && tracked_files_unchanged(repository)?;
+    if !(on_configured_branch || detached) || !(is_fast_forward || untouched) {
         return Ok(false);
     }
 
@@ -942,6 +949,15 @@ fn fast_forward(
         reference.set_target(target, "derrick: fast-forward from the mirror")?;
     }
     Ok(true)
+}
+
+/// Tells whether the index and the tracked files of the working tree match HEAD.
+fn tracked_files_unchanged(
+    repository: &git2::Repository,
+) -> std::result::Result<bool, git2::Error> {
+    let mut options = git2::StatusOptions::new();
+    options.include_untracked(false).include_ignored(false);
+    Ok(repository.statuses(Some(&mut options))?.is_empty())
 }
 
 fn head_oid(repository: &git2::Repository) -> std::result::Result<Oid, git2::Error> {
@@ -1077,6 +1093,7 @@ mod tests {
                     name: "Agent Smith".to_owned(),
                     email: "smith@example.com".to_owned(),
                 },
+                previous: None,
             }
         }
     }

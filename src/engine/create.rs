@@ -181,7 +181,7 @@ impl Engine {
             let state = self.mirrors.sync(repository).await?;
             log_sync(workspace, repository.url.as_str(), &state);
             records.push(repository_record(repository, &state));
-            checkouts.push(self.checkout_of(repository, &state));
+            checkouts.push(self.checkout_of(repository, &state, None));
         }
         self.provider.checkout(&workspace.id, &checkouts).await?;
         workspace.record.lock().expect("record lock").repositories = records;
@@ -208,10 +208,12 @@ impl Engine {
             let state = self.mirrors.sync(repository).await?;
             log_sync(workspace, repository.url.as_str(), &state);
             let mut record = repository_record(repository, &state);
-            if snapshot_commits.get(&repository.path) != Some(&state.commit) {
+            let snapshot_commit = snapshot_commits.get(&repository.path).cloned();
+            if snapshot_commit.as_ref() != Some(&state.commit) {
+                let checkout = self.checkout_of(repository, &state, snapshot_commit);
                 let update = self
                     .provider
-                    .update_checkout(&workspace.id, &self.checkout_of(repository, &state))
+                    .update_checkout(&workspace.id, &checkout)
                     .await?;
                 record.commit = update.after;
             }

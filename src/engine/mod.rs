@@ -260,7 +260,8 @@ impl Engine {
         let mut repositories = Vec::with_capacity(selected.len());
         for repository in selected {
             let state = self.mirrors.sync(repository).await?;
-            let checkout = self.checkout_of(repository, &state);
+            let previous = self.commit_of(&workspace, &repository.path);
+            let checkout = self.checkout_of(repository, &state, previous);
             let update = self
                 .provider
                 .update_checkout(&workspace.id, &checkout)
@@ -318,6 +319,42 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Kills the processes of every live workspace, so that running commands and setup scripts
+    /// end and a shutdown does not wait for them.
+    pub async fn interrupt(&self) {
+        let ids: Vec<WorkspaceId> = self
+            .workspaces
+            .lock()
+            .expect("workspace map lock")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(error) = self.provider.kill_processes(&id).await {
+                tracing::error!(workspace_id = %id, error = %error, "cannot kill processes at shutdown");
+            }
+        }
+    }
+
+    /// Removes the workspaces that an earlier derrick left behind (after a crash or SIGKILL):
+    /// their processes, mounts, scratch folders and records, logging each one.
+    // TODO: re-adopt live workspaces instead of removing them; their records and layer stacks
+    // are on disk, but the create request's env is not, so re-adoption needs it stored safely.
+    pub async fn remove_leftovers(&self) -> Result<()> {
+        for id in self.records.ids().await? {
+            match self.provider.destroy(&id).await {
+                Ok(()) => {
+                    tracing::warn!(workspace_id = %id, "removed a workspace left by an earlier run");
+                    self.records.remove(&id).await?;
+                }
+                Err(error) => {
+                    tracing::error!(workspace_id = %id, error = %error, "cannot remove a workspace left by an earlier run");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn workspace(&self, id: &str) -> Result<Arc<Workspace>> {
@@ -444,6 +481,7 @@ impl Engine {
                 commit: recorded.commit.clone(),
                 branch: recorded.branch.clone(),
                 author: self.config.git_author.clone(),
+                previous: snapshot_commits.get(&recorded.path).cloned(),
             };
             self.provider
                 .update_checkout(&workspace.id, &checkout)
@@ -456,6 +494,7 @@ impl Engine {
         &self,
         repository: &config::Repository,
         state: &crate::git::MirrorState,
+        previous: Option<String>,
     ) -> Checkout {
         Checkout {
             mirror: state.mirror.clone(),
@@ -464,7 +503,14 @@ impl Engine {
             commit: state.commit.clone(),
             branch: state.branch.clone(),
             author: self.config.git_author.clone(),
+            previous,
         }
+    }
+
+    fn commit_of(&self, workspace: &Workspace, path: &str) -> Option<String> {
+        let record = workspace.record.lock().expect("record lock");
+        let repository = record.repositories.iter().find(|r| r.path == path);
+        repository.map(|repository| repository.commit.clone())
     }
 
     fn set_commit(&self, workspace: &Workspace, path: &str, commit: &str) {
@@ -474,32 +520,32 @@ impl Engine {
         }
     }
 
+    /// Returns the configured repositories at `paths`, in configuration order and each once;
+    /// all of them when `paths` is absent.
     fn select_repositories(&self, paths: Option<&[String]>) -> Result<Vec<&config::Repository>> {
+        let repositories = &self.config.repositories;
         let Some(paths) = paths else {
-            return Ok(self.config.repositories.iter().collect());
+            return Ok(repositories.iter().collect());
         };
-        paths
+        let mut wanted = std::collections::BTreeSet::new();
+        for path in paths {
+            let normalized = format!("/{}", path.trim_matches('/'));
+            if !repositories
+                .iter()
+                .any(|repository| repository.path == normalized)
+            {
+                let known: Vec<&str> = repositories.iter().map(|r| r.path.as_str()).collect();
+                return Err(Error::invalid_request(format!(
+                    "no repository at `{path}`; configured paths: {}",
+                    known.join(", ")
+                )));
+            }
+            wanted.insert(normalized);
+        }
+        Ok(repositories
             .iter()
-            .map(|path| {
-                let normalized = format!("/{}", path.trim_matches('/'));
-                self.config
-                    .repositories
-                    .iter()
-                    .find(|r| r.path == normalized)
-                    .ok_or_else(|| {
-                        let known: Vec<&str> = self
-                            .config
-                            .repositories
-                            .iter()
-                            .map(|r| r.path.as_str())
-                            .collect();
-                        Error::invalid_request(format!(
-                            "no repository at `{path}`; configured paths: {}",
-                            known.join(", ")
-                        ))
-                    })
-            })
-            .collect()
+            .filter(|repository| wanted.contains(&repository.path))
+            .collect())
     }
 
     /// Returns the lock that makes concurrent builds of one layer run once.
@@ -547,12 +593,20 @@ fn decode_base64(content: &str) -> Result<Vec<u8>> {
             limit: MAX_FILE_BYTES,
         });
     }
-    base64::engine::general_purpose::STANDARD
+    let content = base64::engine::general_purpose::STANDARD
         .decode(compact)
         .map_err(|error| Error::InvalidBase64 {
             field: "content",
             reason: error.to_string(),
-        })
+        })?;
+    if content.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::PayloadTooLarge {
+            what: "file content".to_owned(),
+            size: content.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(content)
 }
 
 fn millis(duration: Duration) -> u64 {

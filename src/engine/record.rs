@@ -121,6 +121,29 @@ impl RecordStore {
         }
     }
 
+    /// Lists the ids of the stored records.
+    pub async fn ids(&self) -> Result<Vec<WorkspaceId>> {
+        let mut entries = tokio::fs::read_dir(&self.directory)
+            .await
+            .map_err(|error| {
+                Error::internal(format!("list {}", self.directory.display()), error)
+            })?;
+        let mut ids = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|error| Error::internal(format!("list {}", self.directory.display()), error))?
+        {
+            let name = entry.file_name();
+            let id = name
+                .to_str()
+                .and_then(|name| name.strip_suffix(".json"))
+                .and_then(WorkspaceId::parse);
+            ids.extend(id);
+        }
+        Ok(ids)
+    }
+
     fn path(&self, id: &WorkspaceId) -> PathBuf {
         self.directory.join(format!("{id}.json"))
     }

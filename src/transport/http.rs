@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}/reset", post(reset))
         .route("/workspaces/{id}/fetch", post(fetch))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
@@ -100,8 +101,9 @@ pub fn status_of(error: &Error) -> StatusCode {
         Error::WorkspaceNotFound { .. }
         | Error::FileNotFound { .. }
         | Error::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         Error::InvalidTransition { .. } => StatusCode::CONFLICT,
-        Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::PayloadTooLarge { .. } | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::CommandFailed { .. } | Error::SetupFailed { .. } | Error::GitFailed { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
         }
@@ -129,6 +131,13 @@ where
             && let Some(default) = T::empty_body()
         {
             return Ok(Body(default));
+        }
+        // serde accepts a JSON array for a struct, field by position; the contract has objects.
+        let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(ApiError(Error::invalid_request(
+                "the request body must be a JSON object",
+            )));
         }
         serde_json::from_slice(&bytes).map(Body).map_err(|error| {
             ApiError(Error::invalid_request(format!(
@@ -164,11 +173,8 @@ impl BodyDefault for api::ReadFileRequest {}
 
 fn body_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        let limit = MAX_REQUEST_BYTES as u64;
-        return ApiError(Error::PayloadTooLarge {
-            what: "request body".to_owned(),
-            size: limit + 1,
-            limit,
+        return ApiError(Error::BodyTooLarge {
+            limit: MAX_REQUEST_BYTES as u64,
         });
     }
     ApiError(Error::invalid_request(format!(
@@ -190,7 +196,10 @@ async fn create(
     State(state): State<AppState>,
     Body(request): Body<api::CreateRequest>,
 ) -> Reply<Json<api::CreateResponse>> {
-    Ok(Json(state.engine.create(request).await?))
+    let engine = state.engine;
+    Ok(Json(
+        to_completion(async move { engine.create(request).await }).await?,
+    ))
 }
 
 async fn list(State(state): State<AppState>) -> Json<api::ListResponse> {
@@ -202,7 +211,8 @@ async fn workspace(State(state): State<AppState>, Path(id): Path<String>) -> Rep
 }
 
 async fn destroy(State(state): State<AppState>, Path(id): Path<String>) -> Reply<Json<bool>> {
-    state.engine.destroy(&id).await?;
+    let engine = state.engine;
+    to_completion(async move { engine.destroy(&id).await }).await?;
     Ok(Json(true))
 }
 
@@ -227,7 +237,10 @@ async fn write_file(
     Path(id): Path<String>,
     Body(request): Body<api::WriteFileRequest>,
 ) -> Reply<Json<api::WriteFileResponse>> {
-    Ok(Json(state.engine.write_file(&id, request).await?))
+    let engine = state.engine;
+    Ok(Json(
+        to_completion(async move { engine.write_file(&id, request).await }).await?,
+    ))
 }
 
 async fn read_file(
@@ -243,7 +256,10 @@ async fn reset(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Reply<Json<api::ResetResponse>> {
-    Ok(Json(state.engine.reset(&id).await?))
+    let engine = state.engine;
+    Ok(Json(
+        to_completion(async move { engine.reset(&id).await }).await?,
+    ))
 }
 
 async fn fetch(
@@ -251,7 +267,28 @@ async fn fetch(
     Path(id): Path<String>,
     Body(request): Body<api::FetchRequest>,
 ) -> Reply<Json<api::FetchResponse>> {
-    Ok(Json(state.engine.fetch(&id, request).await?))
+    let engine = state.engine;
+    Ok(Json(
+        to_completion(async move { engine.fetch(&id, request).await }).await?,
+    ))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(Error::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    })
+}
+
+/// Runs a state-changing operation in a task of its own, so that a client that disconnects
+/// midway cannot leave a workspace half-created or half-reset by dropping the handler's future.
+async fn to_completion<T: Send + 'static>(
+    operation: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Reply<T> {
+    tokio::spawn(operation)
+        .await
+        .map_err(Error::from)?
+        .map_err(ApiError)
 }
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

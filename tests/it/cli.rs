@@ -88,7 +88,6 @@ fn unbuilt_modes_exit_cleanly() {
             vec!["-p", "remote_nats", "-w", fixture],
             "`remote_nats` is not available",
         ),
-        (vec!["-s", "nats", "-w", fixture], "`nats` is not available"),
         (
             vec!["--listen", "0.0.0.0:50080", "-w", fixture],
             "not a loopback address",
@@ -129,4 +128,12 @@ async fn quickstart_fixture_serves_this_repository() {
         .await;
     assert!(String::from_utf8_lossy(&read.bytes).contains("name = \"derrick\""));
     assert_eq!(derrick.create().await["cache"]["hit"], "setup");
+}
+
+#[test]
+fn zero_setup_timeout_is_rejected() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quickstart.json");
+    let (code, stderr) = run_derrick(&["-w", fixture, "--setup-timeout", "0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--setup-timeout"), "{stderr}");
 }

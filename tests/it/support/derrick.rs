@@ -1,5 +1,10 @@
-//! A real `derrick` process per test: its own cache and state folders, a loopback port chosen by
-//! the kernel, and its log kept for assertions.
+//! A real `derrick` process per test: its own cache and state folders, its log kept for
+//! assertions, served over HTTP on a loopback port chosen by the kernel or over NATS through a
+//! `nats-server` of its own.
+//!
+//! `Derrick::request(method, path, body)` is the one entry point for both transports. Over NATS it
+//! turns the HTTP path into the subject and the payload, and the reply back into the HTTP status
+//! and body, so a test states a case once and runs it over both.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -7,19 +12,57 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use derrick::error::Error;
 use serde_json::{Value, json};
 use tempfile::TempDir;
+
+// The NATS server helper is a child module of this file, because the benchmark includes this
+// file alone by `#[path]`. The tests reach it as `support::nats`, a re-export.
+#[path = "nats.rs"]
+pub mod nats;
+
+use nats::NatsServer;
 
 /// How long derrick may take to start listening.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long a test waits for a NATS reply. Longer than any command a test runs, so that a
+/// missing reply fails the test instead of hanging it; derrick itself sets no such bound.
+const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The log line after which derrick answers on NATS.
+const NATS_READY: &str = "serving nats requests";
+
+/// How a test reaches derrick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Nats,
+}
+
 /// A running derrick and its folders; SIGTERM and wait on drop.
 pub struct Derrick {
     child: Child,
-    base_url: String,
-    client: reqwest::Client,
+    link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
+}
+
+/// The transport side of a running derrick.
+enum Link {
+    Http {
+        base_url: String,
+        client: reqwest::Client,
+    },
+    Nats(Box<NatsLink>),
+}
+
+/// A NATS-served derrick's server, subject prefix and (lazily connected) client.
+struct NatsLink {
+    server: NatsServer,
+    prefix: String,
+    client: tokio::sync::OnceCell<async_nats::Client>,
 }
 
 /// A reply: status and JSON body (`Value::Null` for a body that is not JSON).
@@ -66,9 +109,50 @@ impl Derrick {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Derrick {
+        Self::launch(folder, config_path, None, args, env)
+    }
+
+    /// Starts derrick over `transport`; over NATS it gets a `nats-server` of its own.
+    pub fn start_over(transport: Transport, config: &Value) -> Derrick {
+        match transport {
+            Transport::Http => Self::start(config),
+            Transport::Nats => Self::start_nats(NatsServer::start(), config, &[], &[]),
+        }
+    }
+
+    /// Starts derrick with `-s nats` against `server`, with the server's token if it has one,
+    /// and extra flags and environment variables. The derrick owns the server from now on.
+    pub fn start_nats(
+        server: NatsServer,
+        config: &Value,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Derrick {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let config_path = folder.path().join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(config).expect("json"),
+        )
+        .expect("write config");
+        Self::launch(folder, &config_path, Some(server), args, env)
+    }
+
+    fn launch(
+        folder: TempDir,
+        config_path: &Path,
+        nats: Option<NatsServer>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Derrick {
         let mut command = Command::new(env!("CARGO_BIN_EXE_derrick"));
+        command.args(["-p", "local"]);
+        match &nats {
+            None => command.args(["-s", "http", "--listen", "127.0.0.1:0"]),
+            Some(server) => command.args(nats_args(server)),
+        };
         command
-            .args(["-p", "local", "-s", "http", "--listen", "127.0.0.1:0", "-w"])
+            .arg("-w")
             .arg(config_path)
             .arg("--cache-dir")
             .arg(folder.path().join("cache"))
@@ -80,21 +164,16 @@ impl Derrick {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+
         let mut child = command.spawn().expect("start derrick");
         let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        let log_writer = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(address) = line.split("address=").nth(1) {
-                    let _ = address_tx.send(address.trim().to_owned());
-                }
-                let mut log = log_writer.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let ready_marker = if nats.is_some() {
+            NATS_READY
+        } else {
+            "address="
+        };
+        let (log, address_rx) = read_log(stderr, ready_marker);
+
         let address = match address_rx.recv_timeout(START_DEADLINE) {
             Ok(address) => address,
             Err(_) => {
@@ -105,16 +184,75 @@ impl Derrick {
                 );
             }
         };
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("http client");
+
+        let link = match nats {
+            Some(server) => Link::Nats(Box::new(NatsLink {
+                server,
+                prefix: subject_prefix(args),
+                client: tokio::sync::OnceCell::new(),
+            })),
+            None => Link::Http {
+                base_url: format!("http://{address}"),
+                client: reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .expect("http client"),
+            },
+        };
         Derrick {
             child,
-            base_url: format!("http://{address}"),
-            client,
+            link,
             log,
             folder,
+        }
+    }
+
+    /// Returns the transport this derrick serves.
+    pub fn transport(&self) -> Transport {
+        match self.link {
+            Link::Http { .. } => Transport::Http,
+            Link::Nats(_) => Transport::Nats,
+        }
+    }
+
+    /// Returns the `nats-server` of a NATS-served derrick.
+    pub fn nats_server(&self) -> &NatsServer {
+        &self.nats_link().server
+    }
+
+    /// Returns a client of the derrick's `nats-server`, connected on first use.
+    pub async fn nats_client(&self) -> &async_nats::Client {
+        let link = self.nats_link();
+        link.client.get_or_init(|| link.server.client()).await
+    }
+
+    /// Sends `payload` to `<prefix>.<operation>` and returns the reply as HTTP would give it.
+    pub async fn nats_request(&self, operation: &str, payload: Vec<u8>) -> Reply {
+        self.nats_request_within(operation, payload, NATS_REPLY_DEADLINE)
+            .await
+    }
+
+    /// Like `nats_request`, failing the test when no reply comes within `deadline`.
+    pub async fn nats_request_within(
+        &self,
+        operation: &str,
+        payload: Vec<u8>,
+        deadline: Duration,
+    ) -> Reply {
+        let subject = format!("{}.{operation}", self.nats_link().prefix);
+        let client = self.nats_client().await;
+        let message =
+            tokio::time::timeout(deadline, client.request(subject.clone(), payload.into()))
+                .await
+                .unwrap_or_else(|_| panic!("no NATS reply on {subject} within {deadline:?}"))
+                .unwrap_or_else(|error| panic!("NATS request on {subject} failed: {error}"));
+        nats_reply(operation, &message.payload)
+    }
+
+    fn nats_link(&self) -> &NatsLink {
+        match &self.link {
+            Link::Nats(link) => link,
+            Link::Http { .. } => panic!("this derrick serves HTTP, not NATS"),
         }
     }
 
@@ -138,23 +276,36 @@ impl Derrick {
         self.cache_dir().join("workspaces").join(id).join("root")
     }
 
-    /// Sends a request with an optional JSON body.
+    /// Sends a request with an optional JSON body. Over NATS, the path names the subject and
+    /// the workspace id joins the body.
     pub async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        let (base_url, client) = match &self.link {
+            Link::Http { base_url, client } => (base_url, client),
+            Link::Nats(_) => {
+                let (operation, id) = nats_operation(method, path);
+                let payload = nats_payload(id.as_deref(), body);
+                return self.nats_request(&operation, payload).await;
+            }
+        };
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base_url));
+        let mut request = client.request(method, format!("{base_url}{path}"));
         if let Some(body) = body {
             request = request.json(body);
         }
         Self::reply(request.send().await.expect("request reaches derrick")).await
     }
 
-    /// Sends a raw body.
+    /// Sends a raw body; over NATS it is the payload as is, without the workspace id.
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Reply {
-        let request = self
-            .client
-            .post(format!("{}{path}", self.base_url))
+        let (base_url, client) = match &self.link {
+            Link::Http { base_url, client } => (base_url, client),
+            Link::Nats(_) => {
+                let (operation, _id) = nats_operation("POST", path);
+                return self.nats_request(&operation, body).await;
+            }
+        };
+        let request = client
+            .post(format!("{base_url}{path}"))
             .header("content-type", "application/json")
             .body(body);
         Self::reply(request.send().await.expect("request reaches derrick")).await
@@ -240,10 +391,41 @@ impl Derrick {
         std::mem::replace(&mut self.folder, folder)
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM and returns at once; `stop` also waits.
+    pub fn terminate(&self) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Returns derrick's exit status once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for derrick")
+    }
+
+    /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart.
+    pub fn crash(mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let folder = tempfile::tempdir().expect("temporary folder");
+        std::mem::replace(&mut self.folder, folder)
+    }
+
+    /// Returns the HTTP base URL (`http://127.0.0.1:PORT`) of an HTTP-served derrick.
+    pub fn base_url(&self) -> &str {
+        match &self.link {
+            Link::Http { base_url, .. } => base_url,
+            Link::Nats(_) => panic!("derrick serves NATS, not HTTP"),
+        }
+    }
+
+    /// Returns the process id of derrick.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.terminate();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for derrick") {
@@ -264,6 +446,176 @@ impl Drop for Derrick {
             self.stop();
         }
     }
+}
+
+/// Collects derrick's stderr into the log on a thread, and sends what follows `ready_marker` on
+/// the first line that contains it (the HTTP address, or nothing for NATS).
+fn read_log(
+    stderr: std::process::ChildStderr,
+    ready_marker: &'static str,
+) -> (Arc<Mutex<String>>, std::sync::mpsc::Receiver<String>) {
+    let log = Arc::new(Mutex::new(String::new()));
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let log_writer = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(address) = line.split(ready_marker).nth(1) {
+                let _ = address_tx.send(address.trim().to_owned());
+            }
+            let mut log = log_writer.lock().expect("log lock");
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (log, address_rx)
+}
+
+/// Returns the HTTP status of an error code, from derrick's own mapping (`status_of`).
+pub fn status_of_code(code: &str) -> u16 {
+    let text = || "x".to_owned();
+    let samples = [
+        Error::InvalidRequest(text()),
+        Error::InvalidBase64 {
+            field: "content",
+            reason: text(),
+        },
+        Error::PathOutsideWorkspace { path: text() },
+        Error::Unauthorized,
+        Error::WorkspaceNotFound { id: text() },
+        Error::RouteNotFound {
+            method: text(),
+            path: text(),
+        },
+        Error::FileNotFound {
+            id: text(),
+            path: text(),
+        },
+        Error::InvalidTransition {
+            id: text(),
+            state: text(),
+            op: text(),
+            allowed: text(),
+        },
+        Error::PayloadTooLarge {
+            what: text(),
+            size: 2,
+            limit: 1,
+        },
+        Error::CommandFailed {
+            exit_code: 1,
+            output: text(),
+            truncated: false,
+        },
+        Error::SetupFailed {
+            id: text(),
+            exit_code: 1,
+            output: text(),
+        },
+        Error::GitFailed {
+            step: "fetch",
+            url: text(),
+            reason: text(),
+        },
+        Error::ProviderUnavailable(text()),
+        Error::Internal(text()),
+    ];
+    let sample = samples
+        .iter()
+        .find(|error| error.code() == code)
+        .unwrap_or_else(|| panic!("unknown error code `{code}`; add it to status_of_code"));
+    derrick::transport::http::status_of(sample).as_u16()
+}
+
+/// Turns an HTTP method and path into a NATS operation and the workspace id it names.
+fn nats_operation(method: &str, path: &str) -> (String, Option<String>) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["health"]) => ("health".to_owned(), None),
+        ("GET", ["states"]) => ("states".to_owned(), None),
+        ("POST", ["workspaces"]) => ("workspaces.create".to_owned(), None),
+        ("GET", ["workspaces"]) => ("workspaces.list".to_owned(), None),
+        ("GET", ["workspaces", id]) => ("workspaces.get".to_owned(), Some((*id).to_owned())),
+        ("DELETE", ["workspaces", id]) => ("workspaces.destroy".to_owned(), Some((*id).to_owned())),
+        ("POST", ["workspaces", id, operation]) => {
+            (format!("workspaces.{operation}"), Some((*id).to_owned()))
+        }
+        // Any other path becomes a subject derrick does not serve, as it is not an endpoint.
+        _ => (segments.join("."), None),
+    }
+}
+
+/// Builds a NATS payload: the HTTP body with the workspace id added.
+fn nats_payload(id: Option<&str>, body: Option<&Value>) -> Vec<u8> {
+    let mut body = body.cloned();
+    if let Some(id) = id {
+        let mut object = match body {
+            Some(Value::Object(object)) => object,
+            None => serde_json::Map::new(),
+            Some(other) => panic!("a body with an id must be a JSON object, not {other}"),
+        };
+        object.insert("id".to_owned(), json!(id));
+        body = Some(Value::Object(object));
+    }
+    body.map(|body| serde_json::to_vec(&body).expect("json"))
+        .unwrap_or_default()
+}
+
+/// Turns a NATS reply into the reply HTTP would give: the status of its error code, the error
+/// envelope as is, the `ok` value as the body, and `read_file`'s base64 content as the bytes.
+fn nats_reply(operation: &str, payload: &[u8]) -> Reply {
+    let envelope: Value = serde_json::from_slice(payload).unwrap_or_else(|error| {
+        panic!(
+            "NATS reply is not JSON ({error}): {}",
+            String::from_utf8_lossy(payload)
+        )
+    });
+    if let Some(code) = envelope["error"]["code"].as_str() {
+        return Reply {
+            status: status_of_code(code),
+            body: envelope.clone(),
+            bytes: payload.to_vec(),
+            content_type: None,
+        };
+    }
+    let ok = envelope
+        .get("ok")
+        .unwrap_or_else(|| panic!("NATS reply has neither `ok` nor `error`: {envelope}"));
+    let bytes = if operation == "workspaces.read_file" {
+        let content = ok["content"].as_str().expect("read_file reply has content");
+        base64::engine::general_purpose::STANDARD
+            .decode(content)
+            .expect("read_file content is base64")
+    } else {
+        serde_json::to_vec(ok).expect("json")
+    };
+    Reply {
+        status: 200,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        bytes,
+        content_type: None,
+    }
+}
+
+/// Flags that point derrick at `server`, with its token.
+fn nats_args(server: &NatsServer) -> Vec<String> {
+    let mut args = vec![
+        "-s".to_owned(),
+        "nats".to_owned(),
+        "--nats-url".to_owned(),
+        server.url(),
+    ];
+    if let Some(token) = server.token() {
+        args.extend(["--nats-token".to_owned(), token.to_owned()]);
+    }
+    args
+}
+
+/// Returns the subject prefix that `args` set, or derrick's default.
+fn subject_prefix(args: &[&str]) -> String {
+    args.iter()
+        .position(|arg| *arg == "--nats-subject-prefix")
+        .and_then(|index| args.get(index + 1))
+        .map_or_else(|| "derrick".to_owned(), |prefix| (*prefix).to_owned())
 }
 
 /// Polls `condition` every 20 ms until it holds or `deadline` passes; returns whether it held.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration-test modules: real Git repositories built with the `git`
-//! CLI (`repos`) and a loopback Git smart HTTP server with optional Basic authentication
-//! (`git_server`).
+//! CLI (`repos`), a loopback Git smart HTTP server with optional Basic authentication
+//! (`git_server`), a `nats-server` per test (`nats`) and a derrick process per test served over
+//! HTTP or NATS (`derrick`).
 
 // Each test module uses a different part of this shared code, so the part that no module uses
 // yet would warn as dead code. `expect` does not fit, because that part changes as modules are
@@ -13,3 +14,5 @@
 pub mod derrick;
 pub mod git_server;
 pub mod repos;
+
+pub use derrick::nats;

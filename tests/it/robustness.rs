@@ -1,0 +1,251 @@
+//! Failure paths: force-pushed upstreams, shutdown with running commands, crashes, clients that
+//! disconnect, and requests outside the contract.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::derrick::{Derrick, config, processes_matching, wait_until};
+use crate::support::repos::{TestRepo, git};
+
+fn one_commit_repository() -> TestRepo {
+    let repository = TestRepo::new();
+    repository.write("a.txt", "one\n");
+    repository.commit("one");
+    repository
+}
+
+fn mounts_under(path: &std::path::Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mounts
+        .lines()
+        .filter(|line| line.contains(path.to_str().expect("utf-8")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_pushed_upstream_reaches_workspaces() {
+    let repository = one_commit_repository();
+    repository.write("a.txt", "two\n");
+    repository.commit("two");
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+
+    git(repository.path(), ["reset", "--hard", "--quiet", "HEAD~1"]);
+    repository.write("a.txt", "rewritten\n");
+    let rewritten = repository.commit("rewritten");
+
+    let fetched = derrick
+        .request("POST", &format!("/workspaces/{id}/fetch"), None)
+        .await;
+    assert_eq!(fetched.status, 200, "{}", fetched.body);
+    assert_eq!(fetched.body["repositories"][0]["after"], rewritten.as_str());
+    assert_eq!(
+        derrick.output(&id, "cat code/app/a.txt").await,
+        "rewritten\n"
+    );
+
+    assert_eq!(
+        derrick
+            .post(&format!("/workspaces/{id}/reset"), json!({}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        derrick
+            .output(&id, "git -C code/app rev-parse HEAD")
+            .await
+            .trim(),
+        rewritten
+    );
+    assert_eq!(
+        derrick
+            .output(&id, "git -C code/app status --porcelain")
+            .await,
+        ""
+    );
+
+    let warm = derrick.create_id().await;
+    assert_eq!(
+        derrick.output(&warm, "cat code/app/a.txt").await,
+        "rewritten\n"
+    );
+
+    derrick
+        .output(
+            &id,
+            "cd code/app && echo mine > a.txt && git commit -qam mine",
+        )
+        .await;
+    let local = derrick.output(&id, "git -C code/app rev-parse HEAD").await;
+    repository.write("a.txt", "upstream\n");
+    repository.commit("upstream");
+    let kept = derrick
+        .request("POST", &format!("/workspaces/{id}/fetch"), None)
+        .await;
+    assert_eq!(
+        kept.body["repositories"][0]["after"],
+        local.trim(),
+        "a fetch dropped the agent's commit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_running_commands() {
+    let repository = one_commit_repository();
+    let mut derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+    let root = derrick.workspace_root(&id);
+    let url = format!("{}/workspaces/{id}/cmd_with_output", derrick.base_url());
+    let pending = tokio::spawn(async move {
+        let request = reqwest::Client::new()
+            .post(url)
+            .json(&json!({ "cmd": "sleep 313", "timeout": 300 }));
+        let _ = tokio::time::timeout(Duration::from_secs(60), request.send()).await;
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_matching("sleep 313")
+            .len()
+            == 1)
+        .await
+    );
+
+    let started = Instant::now();
+    let status = derrick.stop();
+    assert!(status.success(), "derrick exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited {:?} for the command",
+        started.elapsed()
+    );
+    assert!(processes_matching("sleep 313").is_empty());
+    assert_eq!(mounts_under(&root), 0, "the workspace is still mounted");
+    let _ = pending.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_crash_removes_leftovers() {
+    let repository = one_commit_repository();
+    let configuration = config(repository.path().display(), "");
+    let derrick = Derrick::start(&configuration);
+    let id = derrick.create_id().await;
+    derrick
+        .output(&id, "setsid sleep 929 > /dev/null 2>&1 &")
+        .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_matching("sleep 929")
+            .len()
+            == 1)
+        .await
+    );
+    let root = derrick.workspace_root(&id);
+    let state_dir = derrick.state_dir();
+
+    let folder = derrick.crash();
+    assert_eq!(
+        mounts_under(&root),
+        1,
+        "the crash should leave the mount for the restart to clean"
+    );
+    let restarted = Derrick::start_on(folder, &configuration, &[], &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || processes_matching("sleep 929")
+            .is_empty())
+        .await,
+        "a process of the old workspace survived"
+    );
+    assert_eq!(mounts_under(&root), 0);
+    assert!(!root.exists());
+    assert!(
+        !state_dir
+            .join("workspaces")
+            .join(format!("{id}.json"))
+            .exists()
+    );
+    assert!(
+        restarted.log().contains(&id) && restarted.log().contains("left by an earlier run"),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(restarted.create().await["cache"]["hit"], "setup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_create_still_completes() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(
+        repository.path().display(),
+        "sleep 2; echo done > setup.txt",
+    ));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let base = derrick.base_url().to_owned();
+    let abandoned = client.post(format!("{base}/workspaces")).send().await;
+    assert!(
+        abandoned.is_err(),
+        "the create should outlast the client's timeout"
+    );
+
+    let finished = wait_until(Duration::from_secs(20), || {
+        std::fs::read_dir(derrick.state_dir().join("workspaces")).is_ok_and(|entries| {
+            entries.filter_map(Result::ok).any(|entry| {
+                std::fs::read_to_string(entry.path())
+                    .is_ok_and(|text| text.contains("\"state\": \"clean_snapshotted\""))
+            })
+        })
+    })
+    .await;
+    assert!(finished, "the abandoned create did not finish");
+    let listed = derrick.get("/workspaces").await.body;
+    assert_eq!(listed["workspaces"][0]["state"], "clean_snapshotted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_outside_contract_get_errors() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+
+    let method = derrick.request("PUT", "/workspaces", None).await;
+    assert_eq!(method.status, 405);
+    assert_eq!(method.body["error"]["code"], "method_not_allowed");
+
+    let array = derrick
+        .post_raw(
+            &format!("/workspaces/{id}/cmd"),
+            br#"["echo positional"]"#.to_vec(),
+        )
+        .await;
+    assert_eq!(array.status, 400);
+    assert_eq!(array.body["error"]["code"], "invalid_request");
+
+    let duplicate = derrick
+        .post(
+            &format!("/workspaces/{id}/fetch"),
+            json!({ "paths": ["/code/app", "code/app/"] }),
+        )
+        .await;
+    assert_eq!(duplicate.status, 200);
+    assert_eq!(
+        duplicate.body["repositories"]
+            .as_array()
+            .expect("list")
+            .len(),
+        1
+    );
+
+    let oversized = vec![b'a'; 64 * 1024 * 1024 + 3];
+    let content = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &oversized);
+    let write = derrick
+        .post(
+            &format!("/workspaces/{id}/write_file"),
+            json!({ "path": "big", "content": content }),
+        )
+        .await;
+    assert_eq!(write.status, 413, "{}", write.body);
+    assert_eq!(write.body["error"]["code"], "payload_too_large");
+    assert!(!derrick.workspace_root(&id).join("big").exists());
+}
