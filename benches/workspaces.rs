@@ -1,6 +1,6 @@
 //! Measures derrick end to end through its HTTP API, against real `derrick` processes and real Git
 //! repositories: cold versus warm create, reset of a 5,000-file versus a 50,000-file repository,
-//! and the overhead of `cmd_with_output` over a raw `bash -c true`.
+//! and the overhead of `cmd_with_output` over HTTP and over NATS against a raw `bash -c true`.
 //!
 //! Run with `cargo bench --bench workspaces` as root; it prints a Markdown table for
 //! `docs/benchmarks.md`. `DERRICK_BENCH_LAYERS=copy` measures the copy fallback instead.
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use harness::nats::NatsServer;
 use harness::{Derrick, config};
 use repos::TestRepo;
 
@@ -125,6 +126,25 @@ async fn command_overhead(layers: &str) {
         &mut through_derrick,
     );
     report("raw `bash -c true`", &mut raw);
+
+    let configuration = config(repository.path().display(), "");
+    let over_nats = Derrick::start_nats(
+        NatsServer::start(),
+        &configuration,
+        &["--layers", layers],
+        &[],
+    );
+    let id = over_nats.create_id().await;
+    let mut samples = Vec::new();
+    for _ in 0..SAMPLES * 10 {
+        let started = Instant::now();
+        over_nats.run(&id, "true").await;
+        samples.push(started.elapsed());
+    }
+    report(
+        &format!("`cmd_with_output` of `true` over NATS ({layers})"),
+        &mut samples,
+    );
 }
 
 fn report(name: &str, samples: &mut [Duration]) {

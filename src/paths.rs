@@ -32,6 +32,14 @@ use crate::error::{Error, Result};
 /// (`MAXSYMLINKS` in `include/linux/namei.h`).
 pub const MAX_SYMBOLIC_LINKS: usize = 40;
 
+/// The maximum length of a file name on Linux file systems (`NAME_MAX`), quoted in error
+/// messages.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// The maximum length of a path that a Linux system call accepts (`PATH_MAX`), quoted in error
+/// messages.
+pub const MAX_PATH_BYTES: usize = 4096;
+
 /// A path inside a workspace root, checked to stay inside it when it was resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkspacePath {
@@ -46,6 +54,7 @@ enum Refusal {
     Outside,
     TooManyLinks,
     NulByte,
+    TooLong,
     Io(io::Error),
 }
 
@@ -59,28 +68,63 @@ impl WorkspacePath {
     /// Resolves `path` inside the host directory `root`.
     ///
     /// An absolute `path` starts at the root; a relative one starts at `working_dir`, which is
-    /// resolved first by the same rules (relative to the root) and defaults to the root.
+    /// resolved first with [`Self::resolve_directory`] and defaults to the root. A given
+    /// `working_dir` must exist, even for an absolute `path`, so that a mistake in it is never
+    /// silently ignored.
     ///
     /// # Errors
     /// `path_outside_workspace` when `..` or a symbolic link leaves the root (an absolute link is
-    /// followed only when its target lies inside the root's host path); `invalid_request` for a
-    /// NUL byte or more than [`MAX_SYMBOLIC_LINKS`] links; `internal` when the root or a folder
-    /// on the way cannot be read.
+    /// followed only when its target lies inside the root's host path). `invalid_request` for a
+    /// NUL byte, more than [`MAX_SYMBOLIC_LINKS`] links, a name or path over the file system's
+    /// limits, a `working_dir` that is missing or not a folder, or a root that a command
+    /// removed. `internal` when the root or a folder on the way cannot be read.
     pub fn resolve(root: &Path, path: &str, working_dir: Option<&str>) -> Result<WorkspacePath> {
-        let root = root.canonicalize().map_err(|error| {
-            Error::internal(
-                format!("cannot open workspace root {}", root.display()),
-                error,
-            )
-        })?;
         let start = match working_dir {
-            Some(working_dir) => {
-                walk(&root, &[], working_dir).map_err(|refusal| refusal.into_error(working_dir))?
-            }
-            None => Vec::new(),
+            Some(working_dir) => Self::resolve_directory(root, working_dir)?,
+            None => WorkspacePath {
+                root: canonical_root(root)?,
+                components: Vec::new(),
+            },
         };
-        let components = walk(&root, &start, path).map_err(|refusal| refusal.into_error(path))?;
-        Ok(WorkspacePath { root, components })
+        let components = walk(&start.root, &start.components, path)
+            .map_err(|refusal| refusal.into_error(path))?;
+        Ok(WorkspacePath {
+            root: start.root,
+            components,
+        })
+    }
+
+    /// Resolves `directory` (absolute, or relative to the root) and checks that it is an
+    /// existing folder, as a `working_dir` must be.
+    ///
+    /// # Errors
+    /// Those of [`Self::resolve`], and `invalid_request` naming the `working_dir` when it is
+    /// missing or not a folder.
+    pub fn resolve_directory(root: &Path, directory: &str) -> Result<WorkspacePath> {
+        let root = canonical_root(root)?;
+        let components =
+            walk(&root, &[], directory).map_err(|refusal| refusal.into_error(directory))?;
+        let resolved = WorkspacePath { root, components };
+        let shown = abbreviated(directory);
+        match std::fs::symlink_metadata(resolved.host_path()) {
+            Ok(metadata) if metadata.is_dir() => Ok(resolved),
+            Ok(_) => Err(Error::invalid_request(format!(
+                "working_dir `{shown}` is not a directory in the workspace; name a folder or \
+                 omit working_dir"
+            ))),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Err(Error::invalid_request(format!(
+                    "working_dir `{shown}` does not exist in the workspace; create it first or \
+                     omit working_dir"
+                )))
+            }
+            Err(error) => Err(Refusal::from_io(error).into_error(directory)),
+        }
     }
 
     /// Returns the canonical host path of the workspace root.
@@ -141,6 +185,32 @@ impl WorkspacePath {
     }
 }
 
+/// Tells whether an error means that a name or a path is over the file system's limits
+/// (`ENAMETOOLONG`): a client's mistake, not the provider's.
+pub fn is_name_too_long(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(Errno::ENAMETOOLONG as i32)
+}
+
+/// Returns the `invalid_request` error for a path over the file system's limits.
+pub fn name_too_long(path: &str) -> Error {
+    Error::invalid_request(format!(
+        "path `{}` is too long: the workspace's file system allows names of up to {MAX_NAME_BYTES} \
+         bytes and paths of up to {MAX_PATH_BYTES} bytes (the workspace root's own path included)",
+        abbreviated(path)
+    ))
+}
+
+/// Shortens a path for an error message: a client that sent a 6,000-byte path needs its start
+/// and its size, not all of it again.
+pub fn abbreviated(path: &str) -> String {
+    const SHOWN_CHARS: usize = 80;
+    if path.chars().count() <= SHOWN_CHARS {
+        return path.to_owned();
+    }
+    let start: String = path.chars().take(SHOWN_CHARS).collect();
+    format!("{start}… ({} bytes)", path.len())
+}
+
 /// Tells whether an error of [`WorkspacePath::open`] or [`WorkspacePath::create_parent`] means
 /// that a symbolic link or a mount leaving the root appeared after resolution.
 pub fn is_swapped_link(error: &io::Error) -> bool {
@@ -149,6 +219,14 @@ pub fn is_swapped_link(error: &io::Error) -> bool {
 }
 
 impl Refusal {
+    fn from_io(error: io::Error) -> Refusal {
+        if is_name_too_long(&error) {
+            Refusal::TooLong
+        } else {
+            Refusal::Io(error)
+        }
+    }
+
     fn into_error(self, path: &str) -> Error {
         match self {
             Refusal::Outside => Error::PathOutsideWorkspace {
@@ -160,9 +238,13 @@ impl Refusal {
             )),
             Refusal::NulByte => Error::invalid_request(format!(
                 "invalid path `{}`: it contains a NUL byte",
-                path.escape_debug()
+                abbreviated(path).escape_debug()
             )),
-            Refusal::Io(error) => Error::internal(format!("cannot resolve path `{path}`"), error),
+            Refusal::TooLong => name_too_long(path),
+            Refusal::Io(error) => Error::internal(
+                format!("cannot resolve path `{}`", abbreviated(path)),
+                error,
+            ),
         }
     }
 }
@@ -188,7 +270,7 @@ fn walk(root: &Path, start: &[OsString], text: &str) -> Result<Vec<OsString>, Re
             Step::Name(name) => name,
         };
         resolved.push(name);
-        let Some(target) = link_target(root, &resolved).map_err(Refusal::Io)? else {
+        let Some(target) = link_target(root, &resolved).map_err(Refusal::from_io)? else {
             continue;
         };
         links += 1;
@@ -210,6 +292,23 @@ fn walk(root: &Path, start: &[OsString], text: &str) -> Result<Vec<OsString>, Re
         }
     }
     Ok(resolved)
+}
+
+/// Canonicalizes the workspace root. A missing root is the client's doing: a command can
+/// remove the folder it runs in (`rm -rf ~` where the root is a plain folder).
+fn canonical_root(root: &Path) -> Result<PathBuf> {
+    root.canonicalize().map_err(|error| {
+        if error.kind() == io::ErrorKind::NotFound {
+            return Error::invalid_request(
+                "the workspace root no longer exists (a command removed it); reset the \
+                 workspace to restore it",
+            );
+        }
+        Error::internal(
+            format!("cannot open workspace root {}", root.display()),
+            error,
+        )
+    })
 }
 
 fn steps(path: &Path) -> VecDeque<Step> {
@@ -453,6 +552,61 @@ mod tests {
         );
         symlink(&previous, sandbox.root.join("one-more")).expect("link");
         check(&sandbox, "one-more/file.txt", None, Err("invalid_request"));
+    }
+
+    #[test]
+    fn a_working_dir_must_be_an_existing_folder() {
+        let sandbox = sandbox();
+        check(&sandbox, "x", Some("sub/deeper"), Ok("/sub/deeper/x"));
+        check(&sandbox, "x", Some("/missing"), Err("invalid_request"));
+        check(
+            &sandbox,
+            "/sub/file.txt",
+            Some("/missing"),
+            Err("invalid_request"),
+        );
+        check(&sandbox, "x", Some("sub/file.txt"), Err("invalid_request"));
+        check(
+            &sandbox,
+            "x",
+            Some("sub/file.txt/below"),
+            Err("invalid_request"),
+        );
+        let messages = [
+            (
+                "/missing",
+                "working_dir `/missing` does not exist in the workspace",
+            ),
+            (
+                "sub/file.txt",
+                "working_dir `sub/file.txt` is not a directory in the workspace",
+            ),
+        ];
+        for (working_dir, message) in messages {
+            let error = WorkspacePath::resolve(&sandbox.root, "x", Some(working_dir))
+                .expect_err(working_dir);
+            assert!(error.to_string().starts_with(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn names_and_paths_over_the_limits_are_invalid() {
+        let sandbox = sandbox();
+        let long_name = "n".repeat(MAX_NAME_BYTES + 1);
+        let deep = format!("{}f", "d/".repeat(MAX_PATH_BYTES));
+        check(&sandbox, &long_name, None, Err("invalid_request"));
+        check(&sandbox, &deep, None, Err("invalid_request"));
+        check(&sandbox, "x", Some(&long_name), Err("invalid_request"));
+        check(&sandbox, "x", Some(&deep), Err("invalid_request"));
+        check(
+            &sandbox,
+            &"n".repeat(MAX_NAME_BYTES),
+            None,
+            Ok(&format!("/{}", "n".repeat(255))),
+        );
+        let error = WorkspacePath::resolve(&sandbox.root, &deep, None).expect_err("too long");
+        let shown = format!("path `{}… (8193 bytes)` is too long", "d/".repeat(40));
+        assert!(error.to_string().starts_with(&shown), "{error}");
     }
 
     #[test]

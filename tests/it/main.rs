@@ -11,6 +11,7 @@ mod credentials;
 mod files;
 mod git_server;
 mod nats;
+mod provider_defects;
 mod reset;
 mod robustness;
 mod workspaces;

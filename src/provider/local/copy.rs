@@ -9,6 +9,10 @@
 //! Copies keep modes, modification times and symbolic links; owners only when the provider runs
 //! as root (otherwise every file belongs to the provider's user anyway). Hard links become
 //! separate files; sockets and device files are skipped, since no setup needs them preserved.
+//!
+//! A reset never crosses into another file system in the workspace: the caller has detached the
+//! mounts that commands made there, and an entry on another device that is still found stops the
+//! reset with an error instead of being restored, or deleted, through the mount.
 
 use std::fs;
 use std::io;
@@ -61,13 +65,18 @@ pub(super) fn snapshot_blocking(
     Ok(stack)
 }
 
-/// Restores the workspace root to its top layer, touching only what differs.
+/// Restores the workspace root to its top layer, touching only what differs. The caller has
+/// detached the mounts below the workspace folder.
 pub(super) fn reset_blocking(layout: &Layout, id: &WorkspaceId, layers: &[LayerKey]) -> Result<()> {
     let root = layout.root(id);
     let Some(top) = layers.last() else {
         return Ok(());
     };
-    restore_tree(&layout.layer_tree(top), &root).map_err(cannot(format!(
+    let folder = layout.workspace(id);
+    let device = fs::symlink_metadata(&folder)
+        .map_err(cannot(format!("inspect {}", folder.display())))?
+        .dev();
+    restore_tree(&layout.layer_tree(top), &root, device).map_err(cannot(format!(
         "restore {} from layer {top}",
         root.display()
     )))
@@ -96,17 +105,24 @@ pub(super) fn copy_tree(source: &Path, destination: &Path) -> io::Result<()> {
 }
 
 /// Makes `target` equal to `layer`: removes what the layer lacks, restores what differs, and
-/// recreates what is missing.
-pub(super) fn restore_tree(layer: &Path, target: &Path) -> io::Result<()> {
+/// recreates what is missing. Every entry of `target` must be on `device`.
+pub(super) fn restore_tree(layer: &Path, target: &Path, device: u64) -> io::Result<()> {
     let wanted = fs::symlink_metadata(layer)?;
     let current = match fs::symlink_metadata(target) {
         Ok(current) => current,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return copy_tree(layer, target),
         Err(error) => return Err(error),
     };
+    if current.dev() != device {
+        return Err(io::Error::other(format!(
+            "{} is on another file system (a mount is left there); it is not restored, so \
+             nothing is deleted through the mount",
+            target.display()
+        )));
+    }
     let both_folders = wanted.is_dir() && current.is_dir();
     if both_folders {
-        restore_folder(layer, target)?;
+        restore_folder(layer, target, device)?;
         let current = fs::symlink_metadata(target)?;
         if !same_attributes(&wanted, &current) {
             apply_attributes(target, &wanted)?;
@@ -116,11 +132,11 @@ pub(super) fn restore_tree(layer: &Path, target: &Path) -> io::Result<()> {
     if is_unchanged(layer, &wanted, target, &current)? {
         return Ok(());
     }
-    remove_entry(target, &current)?;
+    remove_tree(target)?;
     copy_tree(layer, target)
 }
 
-fn restore_folder(layer: &Path, target: &Path) -> io::Result<()> {
+fn restore_folder(layer: &Path, target: &Path, device: u64) -> io::Result<()> {
     for entry in fs::read_dir(target)? {
         let entry = entry?;
         let in_layer = match fs::symlink_metadata(layer.join(entry.file_name())) {
@@ -129,12 +145,12 @@ fn restore_folder(layer: &Path, target: &Path) -> io::Result<()> {
             Err(error) => return Err(error),
         };
         if !in_layer {
-            remove_entry(&entry.path(), &entry.metadata()?)?;
+            remove_tree(&entry.path())?;
         }
     }
     for entry in fs::read_dir(layer)? {
         let entry = entry?;
-        restore_tree(&entry.path(), &target.join(entry.file_name()))?;
+        restore_tree(&entry.path(), &target.join(entry.file_name()), device)?;
     }
     Ok(())
 }
@@ -185,14 +201,6 @@ fn apply_attributes(path: &Path, metadata: &fs::Metadata) -> io::Result<()> {
     )?)
 }
 
-fn remove_entry(path: &Path, metadata: &fs::Metadata) -> io::Result<()> {
-    if metadata.is_dir() {
-        remove_tree(path)
-    } else {
-        fs::remove_file(path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -230,6 +238,10 @@ mod tests {
                 describe_into(root, &entry.expect("entry").path(), lines);
             }
         }
+    }
+
+    fn device_of(path: &Path) -> u64 {
+        fs::symlink_metadata(path).expect("metadata").dev()
     }
 
     fn sample_tree(path: &Path) {
@@ -275,7 +287,7 @@ mod tests {
         fs::remove_file(target.join("pipe")).expect("remove fifo");
         fs::create_dir(target.join("pipe")).expect("folder in place of fifo");
         fs::set_permissions(target.join("src"), fs::Permissions::from_mode(0o700)).expect("mode");
-        restore_tree(&layer, &target).expect("restore");
+        restore_tree(&layer, &target, device_of(&target)).expect("restore");
         assert_eq!(describe(&target), describe(&layer));
     }
 
@@ -289,12 +301,42 @@ mod tests {
         let inode = fs::metadata(target.join("src/main.rs"))
             .expect("file")
             .ino();
-        restore_tree(&layer, &target).expect("restore");
+        restore_tree(&layer, &target, device_of(&target)).expect("restore");
         assert_eq!(
             fs::metadata(target.join("src/main.rs"))
                 .expect("file")
                 .ino(),
             inode
         );
+    }
+
+    #[test]
+    fn restore_never_crosses_into_a_mount() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let layer = directory.path().join("layer");
+        let target = directory.path().join("target");
+        sample_tree(&layer);
+        copy_tree(&layer, &target).expect("copy");
+        let device = device_of(&target);
+        for mounted in ["src/nested", "mnt"] {
+            let point = target.join(mounted);
+            fs::create_dir_all(&point).expect("mount point");
+            nix::mount::mount(
+                Some("tmpfs"),
+                &point,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("tmpfs mount (tests run as root)");
+            fs::write(point.join("host.txt"), "host").expect("file in the mount");
+            let error = restore_tree(&layer, &target, device).expect_err("a mount stops it");
+            let content = fs::read_to_string(point.join("host.txt"));
+            nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
+            assert!(error.to_string().contains("another file system"), "{error}");
+            assert_eq!(content.expect("file in the mount"), "host", "{mounted}");
+        }
+        restore_tree(&layer, &target, device).expect("restore without mounts");
+        assert_eq!(describe(&target), describe(&layer));
     }
 }

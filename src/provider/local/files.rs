@@ -3,6 +3,11 @@
 //! Paths are resolved and opened through `paths`, so neither `..` nor a symbolic link, not even
 //! one swapped in by a running command, reaches outside the root. A write goes to a temporary file
 //! in the target's folder and is renamed over the target, so a reader never sees half a file.
+//!
+//! A mistake in a request is a client error (`invalid_request`, `file_not_found`,
+//! `path_outside_workspace` or `payload_too_large`), never `internal`. The mistakes include a
+//! missing or non-folder `working_dir`, a path that names a folder (ending in `/`, `/.` or `/..`),
+//! names or paths over the file system's limits, and files that are not regular files.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -17,7 +22,7 @@ use nix::unistd::UnlinkatFlags;
 
 use crate::engine::WorkspaceId;
 use crate::error::{Error, Result};
-use crate::paths::{WorkspacePath, is_swapped_link};
+use crate::paths::{WorkspacePath, abbreviated, is_name_too_long, is_swapped_link, name_too_long};
 
 /// Mode of a new file before the umask, as a shell's `>` would create it.
 const NEW_FILE_MODE: u32 = 0o666;
@@ -31,6 +36,13 @@ pub(super) fn read_blocking(
     max_bytes: u64,
 ) -> Result<Vec<u8>> {
     let resolved = WorkspacePath::resolve(root, path, working_dir)?;
+    if names_folder(path) {
+        return Err(Error::invalid_request(format!(
+            "`{}` names a directory (it is empty or ends in `/`, `.` or `..`); read_file reads \
+             files",
+            abbreviated(path)
+        )));
+    }
     let (file, size) = open_regular_file(&resolved, id, path)?;
     let too_large = |size| Error::PayloadTooLarge {
         what: format!("file `{path}`"),
@@ -62,6 +74,13 @@ pub(super) fn write_blocking(
     content: &[u8],
 ) -> Result<()> {
     let resolved = WorkspacePath::resolve(root, path, working_dir)?;
+    if names_folder(path) {
+        return Err(Error::invalid_request(format!(
+            "`{}` names a directory (it is empty or ends in `/`, `.` or `..`); write_file \
+             writes files",
+            abbreviated(path)
+        )));
+    }
     let (folder, name) = resolved
         .create_parent()
         .map_err(|error| write_error(error, path))?;
@@ -98,9 +117,10 @@ fn open_regular_file(
     id: &WorkspaceId,
     path: &str,
 ) -> Result<(File, u64)> {
-    // O_NONBLOCK keeps the open of a FIFO from waiting for a writer; the type check refuses it.
+    // O_NONBLOCK keeps the open of a FIFO from waiting for a writer, and O_NOCTTY keeps a
+    // terminal device from becoming the provider's terminal. The type check then rejects both.
     let file = resolved
-        .open(OFlag::O_RDONLY | OFlag::O_NONBLOCK)
+        .open(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)
         .map_err(|error| read_error(error, id, path))?;
     let file = File::from(file);
     let metadata = file
@@ -144,18 +164,33 @@ fn write_and_rename(
     )?)
 }
 
+/// Tells whether the path text names a folder whatever exists there: it ends in `/`, `/.` or
+/// `/..`, or is `.` or `..`. Resolution drops such endings, so they are checked on the text.
+fn names_folder(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or_default();
+    matches!(last, "" | "." | "..")
+}
+
 fn read_error(error: io::Error, id: &WorkspaceId, path: &str) -> Error {
     if is_swapped_link(&error) {
         return Error::PathOutsideWorkspace {
             path: path.to_owned(),
         };
     }
+    if is_name_too_long(&error) {
+        return name_too_long(path);
+    }
+    // A socket cannot be opened as a file.
+    if error.raw_os_error() == Some(Errno::ENXIO as i32) {
+        let message = format!("`{path}` is not a regular file; read_file reads files");
+        return Error::invalid_request(message);
+    }
     match error.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Error::FileNotFound {
             id: id.to_string(),
-            path: path.to_owned(),
+            path: abbreviated(path),
         },
-        _ => Error::internal(format!("cannot open `{path}`"), error),
+        _ => Error::internal(format!("cannot open `{}`", abbreviated(path)), error),
     }
 }
 
@@ -165,13 +200,25 @@ fn write_error(error: io::Error, path: &str) -> Error {
             path: path.to_owned(),
         };
     }
-    match error.kind() {
-        io::ErrorKind::NotADirectory => Error::invalid_request(format!(
-            "a parent of `{path}` is a file; write_file needs folders there"
+    if is_name_too_long(&error) {
+        return name_too_long(path);
+    }
+    let shown = abbreviated(path);
+    match error.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOTDIR) => Error::invalid_request(format!(
+            "a parent of `{shown}` is a file; write_file needs folders there"
         )),
-        io::ErrorKind::IsADirectory => {
-            Error::invalid_request(format!("`{path}` is a directory; write_file writes files"))
+        Some(Errno::EISDIR) => {
+            Error::invalid_request(format!("`{shown}` is a directory; write_file writes files"))
         }
-        _ => Error::internal(format!("cannot write `{path}`"), error),
+        // A command may have mounted something read-only, or something on the target, in the
+        // workspace; the write cannot replace either.
+        Some(Errno::EROFS) => Error::invalid_request(format!(
+            "`{shown}` is on a read-only file system in the workspace"
+        )),
+        Some(Errno::EBUSY) => Error::invalid_request(format!(
+            "`{shown}` is a mount point in the workspace; write_file cannot replace it"
+        )),
+        _ => Error::internal(format!("cannot write `{shown}`"), error),
     }
 }

@@ -4,11 +4,17 @@
 //! `rename`, so a reader either sees a complete layer or none. When two builds of one key race,
 //! the first rename wins and the other build is discarded: equal keys mean equal content.
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -163,12 +169,158 @@ pub(super) fn remove_stale_staging_blocking(layout: &Layout) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes a folder tree; a missing one is already removed.
+/// Removes a folder tree, or a single entry; a missing one is already removed.
+///
+/// The walk never leaves the file system of `path`'s parent: an entry on another device (a mount
+/// that a command made and that is still there) stops it with an error before anything on that
+/// device is touched. It works through descriptors and keeps one folder open at a time, so neither
+/// the depth of the tree nor the length of its paths limits it, and a symbolic link swapped in
+/// for a folder is removed, never followed.
+///
+/// # Errors
+/// `path` has no parent, an entry lies on another file system, a folder moved during the walk,
+/// or a system call failed.
 pub(super) fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        let message = format!("{} has no parent folder to remove it from", path.display());
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
+    };
+    let parent_path = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let parent = match open_folder(AT_FDCWD, parent_path) {
+        Err(Errno::ENOENT) => return Ok(()),
+        other => other?,
+    };
+    let device = fstat(&parent)?.st_dev;
+    let stat = match fstatat(&parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => return Ok(()),
+        other => other?,
+    };
+    ensure_same_device(&stat, device, path)?;
+    if !is_folder(&stat) {
+        return Ok(unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir)?);
     }
+    empty_folder(&parent, name, &stat, path)?;
+    Ok(unlinkat(&parent, name, UnlinkatFlags::RemoveDir)?)
+}
+
+/// A folder on the way down in `empty_folder`.
+struct Level {
+    /// Its inode, to check that `..` leads back to it.
+    inode: u64,
+    /// Its entries that are still to be removed.
+    names: Vec<OsString>,
+}
+
+/// Removes everything inside the folder `name` of `parent`, whose `lstat` is `stat`.
+///
+/// Only the current folder is open. Going up opens `..` and checks its inode, so a folder moved
+/// away meanwhile stops the walk instead of sending it elsewhere.
+fn empty_folder(parent: &OwnedFd, name: &OsStr, stat: &FileStat, path: &Path) -> io::Result<()> {
+    let device = stat.st_dev;
+    let mut shown = path.to_path_buf();
+    let mut folder = open_child_folder(parent, name, stat, &shown)?;
+    let mut levels = vec![Level {
+        inode: stat.st_ino,
+        names: folder_names(&folder)?,
+    }];
+    while let Some(level) = levels.last_mut() {
+        if let Some(entry) = level.names.pop() {
+            let entry_path = shown.join(&entry);
+            let stat = match fstatat(&folder, entry.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Err(Errno::ENOENT) => continue,
+                other => other?,
+            };
+            ensure_same_device(&stat, device, &entry_path)?;
+            if !is_folder(&stat) {
+                unlink_missing_ok(&folder, &entry, UnlinkatFlags::NoRemoveDir)?;
+                continue;
+            }
+            folder = open_child_folder(&folder, &entry, &stat, &entry_path)?;
+            levels.push(Level {
+                inode: stat.st_ino,
+                names: folder_names(&folder)?,
+            });
+            shown = entry_path;
+            continue;
+        }
+        levels.pop();
+        let Some(parent_level) = levels.last() else {
+            return Ok(());
+        };
+        let up = open_folder(&folder, "..")?;
+        let up_stat = fstat(&up)?;
+        if (up_stat.st_dev, up_stat.st_ino) != (device, parent_level.inode) {
+            return Err(moved(&shown));
+        }
+        let finished = shown.file_name().map(OsStr::to_owned).unwrap_or_default();
+        unlink_missing_ok(&up, &finished, UnlinkatFlags::RemoveDir)?;
+        folder = up;
+        shown.pop();
+    }
+    Ok(())
+}
+
+/// Opens a folder for reading its entries, never following a final symbolic link.
+fn open_folder<Fd: AsFd>(directory: Fd, path: impl AsRef<Path>) -> nix::Result<OwnedFd> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    nix::fcntl::openat(directory, path.as_ref(), flags, Mode::empty())
+}
+
+/// Opens the folder `name` of `parent` and checks that it is the one `stat` describes.
+fn open_child_folder(
+    parent: &OwnedFd,
+    name: &OsStr,
+    stat: &FileStat,
+    path: &Path,
+) -> io::Result<OwnedFd> {
+    let folder = open_folder(parent, name)?;
+    let opened = fstat(&folder)?;
+    if (opened.st_dev, opened.st_ino) != (stat.st_dev, stat.st_ino) {
+        return Err(moved(path));
+    }
+    Ok(folder)
+}
+
+/// Lists the entries of an open folder. std reads folders by path only; `/proc/self/fd/<fd>`
+/// names the open folder itself, whatever the length of its real path.
+fn folder_names(folder: &OwnedFd) -> io::Result<Vec<OsString>> {
+    let path = format!("/proc/self/fd/{}", folder.as_raw_fd());
+    fs::read_dir(path)?
+        .map(|entry| entry.map(|entry| entry.file_name()))
+        .collect()
+}
+
+fn unlink_missing_ok(folder: &OwnedFd, name: &OsStr, flags: UnlinkatFlags) -> io::Result<()> {
+    match unlinkat(folder, name, flags) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+fn is_folder(stat: &FileStat) -> bool {
+    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
+
+fn ensure_same_device(stat: &FileStat, device: u64, path: &Path) -> io::Result<()> {
+    if stat.st_dev == device {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{} is on another file system (a mount is left there); it is not removed, so nothing \
+         is deleted through the mount",
+        path.display()
+    )))
+}
+
+fn moved(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} was moved while it was being removed",
+        path.display()
+    ))
 }
 
 fn sync_file_system(path: &Path) -> io::Result<()> {
@@ -294,5 +446,72 @@ mod tests {
         require_blocking(&layout, &[key]).expect("present");
         let error = require_blocking(&layout, &[self::key('d')]).expect_err("missing");
         assert_eq!(error.code(), "internal");
+    }
+
+    #[test]
+    fn remove_tree_handles_deep_trees_and_links() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let tree = directory.path().join("tree");
+        let outside = directory.path().join("outside");
+        fs::create_dir_all(&outside).expect("outside folder");
+        fs::write(outside.join("keep.txt"), "outside").expect("outside file");
+        fs::create_dir_all(tree.join("links")).expect("folder");
+        std::os::unix::fs::symlink(&outside, tree.join("links/folder")).expect("link");
+        std::os::unix::fs::symlink(outside.join("keep.txt"), tree.join("links/file"))
+            .expect("link");
+        // 3,000 levels make paths far longer than PATH_MAX, which path-based calls refuse.
+        let mut deepest = fs::File::open(&tree).map(OwnedFd::from).expect("tree");
+        for _ in 0..3000 {
+            nix::sys::stat::mkdirat(&deepest, "level", Mode::from_bits_truncate(0o755))
+                .expect("level");
+            deepest = open_folder(&deepest, "level").expect("open level");
+        }
+        nix::fcntl::openat(
+            &deepest,
+            "file",
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::empty(),
+        )
+        .expect("deepest file");
+
+        remove_tree(&tree).expect("removed");
+        assert!(!tree.exists());
+        assert_eq!(
+            fs::read_to_string(outside.join("keep.txt")).expect("outside file"),
+            "outside"
+        );
+        remove_tree(&tree).expect("a missing tree is removed");
+        remove_tree(&directory.path().join("missing/tree")).expect("a missing parent too");
+    }
+
+    #[test]
+    fn remove_tree_stops_at_mounts() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let tree = directory.path().join("tree");
+        let mounted = tree.join("a/mounted");
+        fs::create_dir_all(&mounted).expect("folders");
+        fs::write(tree.join("a/before.txt"), "x").expect("file");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mounted,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("tmpfs mount (tests run as root)");
+        fs::write(mounted.join("host.txt"), "host").expect("file in the mount");
+
+        let error = remove_tree(&tree).expect_err("the mount stops the removal");
+        let content = fs::read_to_string(mounted.join("host.txt"));
+        let error_on_top = remove_tree(&mounted).expect_err("a mount point itself too");
+        nix::mount::umount2(&mounted, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
+        assert!(error.to_string().contains("another file system"), "{error}");
+        assert!(
+            error_on_top.to_string().contains("another file system"),
+            "{error_on_top}"
+        );
+        assert_eq!(content.expect("file in the mount"), "host");
+        remove_tree(&tree).expect("removed once unmounted");
+        assert!(!tree.exists());
     }
 }

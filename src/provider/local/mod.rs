@@ -28,17 +28,23 @@
 //! `layers/` is an atomic `rename`, and a crash never leaves a half layer there.
 //!
 //! The provider isolates files, not the system: commands run as the provider's user on the host,
-//! with the workspace root as their working folder and `HOME`.
+//! with the workspace root as their working folder and `HOME`. Such a command (as root) can mount
+//! host folders into its workspace; before a snapshot, reset or destroy the provider detaches
+//! every mount below the workspace folder (`mounts`), and its deleting walks never cross into
+//! another file system. Each command runs in a cgroup of its own where cgroup v2 works
+//! (`cgroup`, `processes`), so a reset, destroy or timeout kills every process it started.
 //!
 //! Invariant: the workspace state map is locked only for lookups, never across an `.await`;
 //! operations on different workspaces never wait for each other. Blocking file work runs in
 //! `spawn_blocking`.
 
+mod cgroup;
 mod copy;
 mod exec;
 mod files;
 mod layers;
 mod layout;
+mod mounts;
 mod overlay;
 mod processes;
 mod state;
@@ -50,6 +56,7 @@ mod tests;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::task;
@@ -58,6 +65,7 @@ use tracing::warn;
 pub use exec::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
 
 use self::layout::Layout;
+use self::processes::Tracker;
 use self::state::Workspaces;
 use crate::engine::{ExecOutput, ExecRequest, LayerMeta, Provider, WorkspaceId};
 use crate::error::{Error, Result};
@@ -90,6 +98,7 @@ pub struct LocalProvider {
     layout: Layout,
     format: Format,
     workspaces: Workspaces,
+    tracker: Arc<Tracker>,
 }
 
 /// The resolved layer mode: what [`LayerMode::Auto`] became.
@@ -115,11 +124,21 @@ impl LocalProvider {
         layers::remove_stale_staging_blocking(&layout)
             .map_err(cannot(format!("clean {}", layout.tmp().display())))?;
         let format = Format::choose(&layout, options.layer_mode)?;
+        let tracker = Arc::new(Tracker::choose_blocking(layout.cache()));
         Ok(LocalProvider {
             layout,
             format,
             workspaces: Workspaces::default(),
+            tracker,
         })
+    }
+
+    /// Finds processes by process group and environment even where cgroups work, as on a host
+    /// without them, so tests can check that fallback.
+    #[cfg(test)]
+    fn without_cgroups(mut self) -> LocalProvider {
+        self.tracker = Arc::new(Tracker::Scan);
+        self
     }
 
     /// Returns the layer mode in use: `Overlay` or `Copy`, never `Auto`.
@@ -238,7 +257,7 @@ impl Provider for LocalProvider {
     async fn exec(&self, id: &WorkspaceId, request: ExecRequest) -> Result<ExecOutput> {
         self.loaded_layers(id).await?;
         let root = self.layout.root(id);
-        exec::run(&root, id, request, |group| {
+        exec::run(&root, id, request, &self.tracker, |group| {
             self.workspaces.record_group(id, group)
         })
         .await
@@ -280,12 +299,13 @@ impl Provider for LocalProvider {
         .await?
     }
 
-    /// Kills the recorded process groups and every process whose environment carries the
-    /// workspace id. Works for unknown workspaces too, as a clean-up after a restart.
+    /// Kills the workspace's cgroups, the recorded process groups and every process whose
+    /// environment carries the workspace id. Works for unknown workspaces too, as a clean-up
+    /// after a restart: the cgroup folder's name depends only on the cache path.
     async fn kill_processes(&self, id: &WorkspaceId) -> Result<()> {
         let groups = self.workspaces.groups(id);
-        let (owned, killed) = (id.clone(), groups.clone());
-        self.blocking(move |_| processes::kill_blocking(&owned, &killed))
+        let (owned, killed, tracker) = (id.clone(), groups.clone(), Arc::clone(&self.tracker));
+        self.blocking(move |_| tracker.kill_workspace_blocking(&owned, &killed))
             .await?;
         self.workspaces.forget_groups(id, &groups);
         Ok(())

@@ -23,8 +23,13 @@ struct Fixture {
 
 impl Fixture {
     async fn new(mode: LayerMode) -> Fixture {
+        Self::with(mode, |provider| provider).await
+    }
+
+    /// Like `new`, with the provider changed by `adapt` (to `without_cgroups`) before use.
+    async fn with(mode: LayerMode, adapt: fn(LocalProvider) -> LocalProvider) -> Fixture {
         let cache = tempfile::tempdir().expect("temporary cache");
-        let provider = provider_in(cache.path(), mode);
+        let provider = adapt(provider_in(cache.path(), mode));
         let base = key(1);
         provider
             .ensure_base(&base, "test")
@@ -100,8 +105,8 @@ impl Drop for Fixture {
             let Some(id) = entry.file_name().to_str().and_then(WorkspaceId::parse) else {
                 continue;
             };
-            let killed = processes::kill_blocking(&id, &[]);
-            let unmounted = overlay::unmount_blocking(&entry.path().join("root"));
+            let killed = self.provider.tracker.kill_workspace_blocking(&id, &[]);
+            let unmounted = mounts::unmount_below_blocking(&entry.path());
             if let Err(error) = killed.and(unmounted) {
                 eprintln!("cleaning up workspace {id}: {error}");
             }
@@ -202,6 +207,38 @@ fn processes_of(id: &WorkspaceId, command: &[&str]) -> Vec<i32> {
             .split(|byte| *byte == 0)
             .any(|entry| entry == marker.as_bytes());
         if cmdline == wanted && marked && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Returns `["sleep", <8 random digits>]`: a command line that no other test starts.
+fn unique_sleep() -> [String; 2] {
+    let random = uuid::Uuid::new_v4().as_u128() as u32;
+    [
+        "sleep".to_owned(),
+        (10_000_000 + random % 90_000_000).to_string(),
+    ]
+}
+
+/// Returns the pids of live processes whose command line is `command`, whatever their
+/// environment (`processes_of` finds only those that kept the workspace marker).
+fn processes_running(command: &[String]) -> Vec<i32> {
+    let wanted: Vec<u8> = command
+        .iter()
+        .flat_map(|part| part.bytes().chain([0]))
+        .collect();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default() == wanted {
             found.push(pid);
         }
     }
@@ -728,6 +765,8 @@ async fn working_dir_must_be_an_existing_folder_inside(mode: LayerMode) {
 async fn files_round_trip_every_byte_value(mode: LayerMode) {
     let fixture = Fixture::new(mode).await;
     let content: Vec<u8> = (0..4).flat_map(|_| 0..=255u8).collect();
+    // The working_dir must exist; the file's own missing parents are created.
+    fixture.run("mkdir data").await;
     fixture
         .provider
         .write_file(&fixture.id, "bin/all.bin", Some("/data"), &content)
@@ -792,6 +831,10 @@ async fn file_errors_are_client_errors(mode: LayerMode) {
         ("/folder", "invalid_request"),
         ("/", "invalid_request"),
         ("/folder/file.txt/below", "invalid_request"),
+        ("/new-folder/", "invalid_request"),
+        ("/folder/.", "invalid_request"),
+        ("/folder/new/..", "invalid_request"),
+        ("", "invalid_request"),
     ];
     for (path, expected) in writes {
         let error = fixture
@@ -801,6 +844,39 @@ async fn file_errors_are_client_errors(mode: LayerMode) {
             .expect_err(path);
         assert_eq!(error.code(), expected, "write {path}");
     }
+    assert!(!fixture.root().join("new-folder").exists());
+    let long_name = "n".repeat(300);
+    let deep = format!("{}f", "d/".repeat(3000));
+    let anywhere = [
+        (long_name.as_str(), None),
+        (deep.as_str(), None),
+        ("file.txt", Some("/missing")),
+        ("/folder/file.txt", Some("/missing")),
+        ("x", Some("/folder/file.txt")),
+        ("x", Some("/folder/file.txt/below")),
+        ("/folder/file.txt/", None),
+        ("/folder/", None),
+    ];
+    for (path, working_dir) in anywhere {
+        let read = fixture
+            .provider
+            .read_file(&fixture.id, path, working_dir, READ_LIMIT)
+            .await;
+        let written = fixture
+            .provider
+            .write_file(&fixture.id, path, working_dir, b"x")
+            .await;
+        let codes = (
+            read.map(drop).map_err(|error| error.code()),
+            written.map_err(|error| error.code()),
+        );
+        let expected = (Err("invalid_request"), Err("invalid_request"));
+        assert_eq!(codes, expected, "{path:.40} in {working_dir:?}");
+    }
+    assert!(
+        !fixture.root().join("missing").exists(),
+        "no working_dir is created"
+    );
     assert_eq!(
         fixture.read("/folder/file.txt").await.expect("unchanged"),
         b"x"
@@ -897,4 +973,266 @@ async fn one_workspace_never_blocks_another(mode: LayerMode) {
         "the other workspace waited {elapsed:?}"
     );
     fixture.provider.destroy(&other).await.expect("destroy");
+}
+
+/// Returns the cgroup folder of the fixture's workspace, asserting that cgroups are in use.
+fn workspace_cgroup(fixture: &Fixture) -> PathBuf {
+    match fixture.provider.tracker.as_ref() {
+        Tracker::Cgroups(tree) => tree.base().join(fixture.id.as_str()),
+        Tracker::Scan => panic!("cgroup v2 works on the test machine (root, cgroup2 mounted)"),
+    }
+}
+
+#[tokio::test]
+async fn cgroups_catch_detached_processes() {
+    let fixture = Fixture::new(LayerMode::Copy).await;
+    let cgroup = workspace_cgroup(&fixture);
+    let [detached, orphaned] = [unique_sleep(), unique_sleep()];
+    let cmd = format!(
+        "env -i setsid {} > /dev/null 2>&1 & (env -i setsid {} > /dev/null 2>&1 &); echo ok",
+        detached.join(" "),
+        orphaned.join(" ")
+    );
+    assert_eq!(fixture.run(&cmd).await.output, "ok\n");
+    eventually("both sleeps started", || {
+        processes_running(&detached).len() == 1 && processes_running(&orphaned).len() == 1
+    })
+    .await;
+    let commands = fs::read_dir(&cgroup).expect("workspace cgroup");
+    assert_eq!(
+        commands
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_dir())
+            .count(),
+        1
+    );
+
+    fixture
+        .provider
+        .kill_processes(&fixture.id)
+        .await
+        .expect("kill");
+    assert_eq!(processes_running(&detached), Vec::<i32>::new());
+    assert_eq!(processes_running(&orphaned), Vec::<i32>::new());
+    assert!(
+        !cgroup.exists(),
+        "the killed workspace's cgroups are removed"
+    );
+
+    assert_eq!(fixture.run("echo done").await.output, "done\n");
+    let left = fs::read_dir(&cgroup).map(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_dir())
+            .count()
+    });
+    assert_eq!(
+        left.unwrap_or(0),
+        0,
+        "a finished command's empty cgroup is removed"
+    );
+}
+
+async fn timeout_kills_setsid_children(fixture: Fixture) {
+    let sleep = unique_sleep();
+    let cmd = format!("setsid {} & sleep 100", sleep.join(" "));
+    let started = Instant::now();
+    let output = fixture.run_request(with_timeout(&cmd, 1)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "replied after {:?}",
+        started.elapsed()
+    );
+    assert_eq!((output.exit_code, output.timed_out), (124, true));
+    eventually("the detached sleep is gone", || {
+        processes_running(&sleep).is_empty()
+    })
+    .await;
+
+    let background = unique_sleep();
+    let cmd = format!("{} > /dev/null 2>&1 & echo started", background.join(" "));
+    assert_eq!(fixture.run(&cmd).await.output, "started\n");
+    eventually("a finished command's server runs", || {
+        processes_running(&background).len() == 1
+    })
+    .await;
+    assert_eq!(fixture.run("echo later").await.output, "later\n");
+    assert_eq!(
+        processes_running(&background).len(),
+        1,
+        "the server lives on"
+    );
+    fixture
+        .provider
+        .kill_processes(&fixture.id)
+        .await
+        .expect("kill");
+    assert_eq!(processes_running(&background), Vec::<i32>::new());
+}
+
+#[tokio::test]
+async fn timeout_kills_setsid_children_with_cgroups() {
+    timeout_kills_setsid_children(Fixture::new(LayerMode::Copy).await).await;
+}
+
+#[tokio::test]
+async fn timeout_kills_setsid_children_without_cgroups() {
+    let fixture = Fixture::with(LayerMode::Copy, LocalProvider::without_cgroups).await;
+    timeout_kills_setsid_children(fixture).await;
+}
+
+#[tokio::test]
+async fn scan_fallback_finds_marked_processes() {
+    let fixture = Fixture::with(LayerMode::Copy, LocalProvider::without_cgroups).await;
+    let sleep = unique_sleep();
+    let cmd = format!("(setsid {} > /dev/null 2>&1 &); echo ok", sleep.join(" "));
+    assert_eq!(fixture.run(&cmd).await.output, "ok\n");
+    eventually("the sleep started", || processes_running(&sleep).len() == 1).await;
+    fixture
+        .provider
+        .kill_processes(&fixture.id)
+        .await
+        .expect("kill");
+    assert_eq!(processes_running(&sleep), Vec::<i32>::new());
+}
+
+#[tokio::test]
+async fn large_commands_run_like_bash_c() {
+    let fixture = Fixture::new(LayerMode::Copy).await;
+    let identity = "echo \"$0|$#|$*|$LINENO\"; cat; echo \"${__derrick_script-unset}\"";
+    let small = fixture.run(identity).await;
+    assert_eq!(
+        small.output,
+        format!("{}|0||1\nunset\n", exec::bash().display())
+    );
+    let padding = "#".repeat(1024 * 1024);
+    let large = fixture.run(&format!("{identity}\n{padding}")).await;
+    assert_eq!(large.output, small.output);
+
+    let bash = exec::bash().display();
+    let cases = [
+        (
+            "echo a\nfoo-missing\necho b\nexit 7",
+            format!("a\n{bash}: line 2: foo-missing: command not found\nb\n"),
+            7,
+        ),
+        (
+            "echo a\n(( \necho c",
+            format!("a\n{bash}: -c: line 2: unexpected EOF while looking for matching `)'\n"),
+            2,
+        ),
+        ("printf 'no newline'", "no newline".to_owned(), 0),
+        ("set -e; false; echo not reached", String::new(), 1),
+        (
+            "trap 'echo trapped' EXIT; exit 3",
+            "trapped\n".to_owned(),
+            3,
+        ),
+        (
+            "echo \"$1\" \"${#}\"; shift && echo shifted",
+            " 0\n".to_owned(),
+            1,
+        ),
+        ("kill -9 $$", String::new(), 137),
+    ];
+    for (cmd, output, exit_code) in cases {
+        let small = fixture.run(cmd).await;
+        assert_eq!(
+            (small.output, small.exit_code),
+            (output.clone(), exit_code),
+            "{cmd:?}"
+        );
+        // Only the prefix of a syntax error differs: `eval` runs a script over the limit.
+        let large = fixture.run(&format!("{cmd} #{padding}")).await;
+        let output = output.replace(": -c: ", ": eval: ");
+        assert_eq!(
+            (large.output, large.exit_code),
+            (output, exit_code),
+            "{cmd:?} over the argument limit"
+        );
+    }
+
+    let limit = exec::max_argument_bytes();
+    for length in [limit - 1, limit] {
+        let cmd = format!(": {}; echo fits", "x".repeat(length - 13));
+        assert_eq!(cmd.len(), length);
+        assert_eq!(fixture.run(&cmd).await.output, "fits\n", "{length} bytes");
+    }
+    let errexit = ExecRequest {
+        env: BTreeMap::from([("SHELLOPTS".to_owned(), "errexit".to_owned())]),
+        ..request("false; echo not reached")
+    };
+    let actual = fixture.run_request(errexit).await;
+    assert_eq!((actual.output.as_str(), actual.exit_code), ("", 1));
+}
+
+#[tokio::test]
+async fn kernel_limits_are_invalid_requests() {
+    let fixture = Fixture::new(LayerMode::Copy).await;
+    let over_limit = "v".repeat(128 * 1024);
+    let many: BTreeMap<String, String> = (0..64)
+        .map(|index| (format!("PART_{index}"), "p".repeat(120 * 1024)))
+        .collect();
+    let cases = [
+        (request("echo a\0b"), "`cmd` contains a NUL byte at byte 6"),
+        (
+            ExecRequest {
+                env: BTreeMap::from([("BIG_VALUE".to_owned(), over_limit)]),
+                ..request("true")
+            },
+            "`env` variable `BIG_VALUE` is 131083 bytes, over the kernel's limit of 131072",
+        ),
+        (
+            ExecRequest {
+                env: many,
+                ..request("true")
+            },
+            "the command's environment and arguments are",
+        ),
+        (
+            ExecRequest {
+                env: BTreeMap::from([("A=B".to_owned(), "x".to_owned())]),
+                ..request("true")
+            },
+            "invalid `env` entry `A=B`",
+        ),
+    ];
+    for (request, message) in cases {
+        let error = fixture
+            .provider
+            .exec(&fixture.id, request)
+            .await
+            .expect_err(message);
+        assert_eq!(error.code(), "invalid_request", "{error}");
+        assert!(error.to_string().starts_with(message), "{error}");
+    }
+    let fits = ExecRequest {
+        env: BTreeMap::from([("FITS".to_owned(), "f".repeat(128 * 1024 - 7))]),
+        ..request("echo ${#FITS}")
+    };
+    assert_eq!(fixture.run_request(fits).await.output, "131065\n");
+}
+
+#[tokio::test]
+async fn a_removed_root_is_a_client_error_until_reset() {
+    let fixture = Fixture::new(LayerMode::Copy).await;
+    fixture.write("/file.txt", "x").await;
+    fixture.run("cd / && rm -rf \"$HOME\"").await;
+    assert!(!fixture.root().exists());
+    let ran = fixture.provider.exec(&fixture.id, request("true")).await;
+    let read = fixture.read("/file.txt").await;
+    let written = fixture
+        .provider
+        .write_file(&fixture.id, "/other.txt", None, b"y")
+        .await;
+    let codes = (
+        ran.map(drop).map_err(|error| error.code()),
+        read.map(drop).map_err(|error| error.code()),
+        written.map_err(|error| error.code()),
+    );
+    let invalid = Err("invalid_request");
+    assert_eq!(codes, (invalid, invalid, invalid));
+
+    fixture.provider.reset(&fixture.id).await.expect("reset");
+    assert_eq!(fixture.run("ls -A").await.output, "");
 }

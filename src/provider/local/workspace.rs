@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{self, remove_tree};
 use super::layout::Layout;
-use super::{Format, cannot, copy, overlay};
+use super::{Format, cannot, copy, mounts, overlay};
 use crate::engine::{LayerMeta, WorkspaceId};
 use crate::error::{Error, Result};
 use crate::keys::LayerKey;
@@ -61,6 +61,9 @@ pub(super) fn load_blocking(
 
 /// Records the workspace as layer `meta.key` and returns the new stack. The caller has killed
 /// the workspace's processes.
+///
+/// Mounts that commands made in the workspace are detached first, in both formats, so the layer
+/// holds the workspace's own files and never a copy of what a mount showed.
 pub(super) fn snapshot_blocking(
     layout: &Layout,
     format: Format,
@@ -68,6 +71,7 @@ pub(super) fn snapshot_blocking(
     layers: &[LayerKey],
     meta: &LayerMeta,
 ) -> Result<Vec<LayerKey>> {
+    mounts::unmount_below_blocking(&layout.workspace(id))?;
     let stack = match format {
         Format::Overlay => overlay::snapshot_blocking(layout, id, layers, meta)?,
         Format::Copy => copy::snapshot_blocking(layout, id, layers, meta)?,
@@ -77,12 +81,17 @@ pub(super) fn snapshot_blocking(
 }
 
 /// Discards every change since the top layer. The caller has killed the workspace's processes.
+///
+/// Every mount below the workspace folder is detached first (the overlay at the root too, which
+/// the overlay reset mounts again), so that discarding changes never deletes through a mount that
+/// a command made.
 pub(super) fn reset_blocking(
     layout: &Layout,
     format: Format,
     id: &WorkspaceId,
     layers: &[LayerKey],
 ) -> Result<()> {
+    mounts::unmount_below_blocking(&layout.workspace(id))?;
     match format {
         Format::Overlay => overlay::reset_blocking(layout, id, layers),
         Format::Copy => copy::reset_blocking(layout, id, layers),
@@ -91,9 +100,11 @@ pub(super) fn reset_blocking(
 
 /// Unmounts the workspace and removes its folder; a missing workspace is already destroyed.
 ///
-/// The unmount is checked in both formats: removing a folder that still has an overlay mounted
-/// inside would delete through the mount.
+/// Every mount below the workspace folder is detached in both formats: removing a folder that
+/// still has an overlay or a command's bind mount inside would delete through the mount. The
+/// removal itself also stops at any other file system that is still found.
 pub(super) fn destroy_blocking(layout: &Layout, id: &WorkspaceId) -> Result<()> {
+    mounts::unmount_below_blocking(&layout.workspace(id))?;
     overlay::unmount_blocking(&layout.root(id))?;
     let folder = layout.workspace(id);
     remove_tree(&folder).map_err(cannot(format!("remove {}", folder.display())))
