@@ -304,14 +304,7 @@ impl Engine {
     // TODO: a restarted derrick cannot re-adopt workspaces yet, so shutdown destroys them. Once
     // start-up loads the records, shutdown should keep the workspaces and only record their state.
     pub async fn shutdown(&self) {
-        let ids: Vec<WorkspaceId> = self
-            .workspaces
-            .lock()
-            .expect("workspace map lock")
-            .keys()
-            .cloned()
-            .collect();
-        for id in ids {
+        for id in self.live_ids() {
             match self.destroy(id.as_str()).await {
                 Ok(()) => info!(workspace_id = %id, "destroyed at shutdown"),
                 Err(error) => {
@@ -324,14 +317,7 @@ impl Engine {
     /// Kills the processes of every live workspace, so that running commands and setup scripts
     /// end and a shutdown does not wait for them.
     pub async fn interrupt(&self) {
-        let ids: Vec<WorkspaceId> = self
-            .workspaces
-            .lock()
-            .expect("workspace map lock")
-            .keys()
-            .cloned()
-            .collect();
-        for id in ids {
+        for id in self.live_ids() {
             if let Err(error) = self.provider.kill_processes(&id).await {
                 tracing::error!(workspace_id = %id, error = %error, "cannot kill processes at shutdown");
             }
@@ -355,6 +341,11 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    fn live_ids(&self) -> Vec<WorkspaceId> {
+        let workspaces = self.workspaces.lock().expect("workspace map lock");
+        workspaces.keys().cloned().collect()
     }
 
     fn workspace(&self, id: &str) -> Result<Arc<Workspace>> {
