@@ -18,6 +18,10 @@ use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
 use crate::transport;
 use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
 
+/// Largest `--setup-timeout`: one week, far beyond any real setup, and small enough that adding it
+/// to a clock reading cannot overflow.
+const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
+
 /// Default HTTP address: loopback only, the port of the original derrick.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50080";
 
@@ -73,7 +77,7 @@ pub struct Cli {
     pub layers: LayersFlag,
 
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
     pub setup_timeout: Option<u64>,
 
     #[command(flatten)]

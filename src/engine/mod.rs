@@ -266,7 +266,11 @@ impl Engine {
                 .provider
                 .update_checkout(&workspace.id, &checkout)
                 .await?;
-            self.set_commit(&workspace, &repository.path, &update.after);
+            // The record keeps the commit derrick checked out, never an agent's own commit: a
+            // reset restores from the mirror, which has only upstream commits.
+            if update.after == state.commit {
+                self.set_commit(&workspace, &repository.path, &update.after);
+            }
             repositories.push(api::FetchedRepository {
                 path: repository.path.clone(),
                 before: update.before,
@@ -559,13 +563,35 @@ fn command_timeout(seconds: Option<f64>) -> Result<Duration> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Largest `NAME=value` entry of a command's environment: Linux limits each one to
+/// `MAX_ARG_STRLEN` (32 pages, 128 KiB), counting the terminating NUL.
+const MAX_ENV_ENTRY_BYTES: usize = 128 * 1024 - 1;
+
+/// Largest environment of a request in total. Linux allows a quarter of the stack limit (2 MiB
+/// with the usual 8 MiB) for arguments and environment together; 1 MiB leaves room for the rest.
+const MAX_ENV_TOTAL_BYTES: usize = 1024 * 1024;
+
 fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
+    let mut total = 0;
     for (key, value) in env {
+        let shown: String = key.chars().take(64).collect();
         if !config::is_env_name(key) || value.contains('\0') {
             return Err(Error::invalid_request(format!(
-                "invalid `env` entry `{key}`; names are [A-Za-z_][A-Za-z0-9_]* and values contain no NUL bytes"
+                "invalid `env` entry `{shown}`; names are [A-Za-z_][A-Za-z0-9_]* and values contain no NUL bytes"
             )));
         }
+        let entry = key.len() + 1 + value.len();
+        if entry > MAX_ENV_ENTRY_BYTES {
+            return Err(Error::invalid_request(format!(
+                "`env` entry `{shown}` is {entry} bytes, over the limit of {MAX_ENV_ENTRY_BYTES}; write large values to a file with write_file"
+            )));
+        }
+        total += entry + 1;
+    }
+    if total > MAX_ENV_TOTAL_BYTES {
+        return Err(Error::invalid_request(format!(
+            "the environment given in `env` is {total} bytes in all, over the limit of {MAX_ENV_TOTAL_BYTES}; write large values to a file with write_file"
+        )));
     }
     Ok(())
 }
@@ -607,6 +633,27 @@ fn millis(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_env_is_rejected() {
+        let long_value = BTreeMap::from([("A".to_owned(), "x".repeat(MAX_ENV_ENTRY_BYTES))]);
+        assert_eq!(
+            validate_env(&long_value).expect_err("too long").code(),
+            "invalid_request"
+        );
+        let many = (0..20)
+            .map(|index| (format!("V{index}"), "x".repeat(100_000)))
+            .collect();
+        assert_eq!(
+            validate_env(&many).expect_err("too much").code(),
+            "invalid_request"
+        );
+        let long_name = BTreeMap::from([("A".repeat(200_000), String::new())]);
+        let message = validate_env(&long_name).expect_err("too long").to_string();
+        assert!(message.len() < 400, "the message echoes the whole name");
+        let fine = BTreeMap::from([("A".to_owned(), "x".repeat(100_000))]);
+        validate_env(&fine).expect("within limits");
+    }
 
     #[test]
     fn base64_with_line_breaks_decodes() {

@@ -4,6 +4,7 @@
 //! `GET /workspaces/{id}`. It never contains environment values, which may carry secrets.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,9 @@ pub struct Failure {
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     directory: PathBuf,
+    /// An exclusive lock on `<state_dir>/lock`, held for the store's lifetime, because a second
+    /// derrick on the same records would remove the first one's live workspaces as leftovers.
+    _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl RecordStore {
@@ -94,7 +98,25 @@ impl RecordStore {
                 error,
             )
         })?;
-        Ok(RecordStore { directory })
+        let lock_path = state_dir.join("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|error| {
+                Error::internal(format!("cannot open {}", lock_path.display()), error)
+            })?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            Error::ProviderUnavailable(format!(
+                "state folder {} is in use by another derrick ({errno}); give each derrick its own --state-dir",
+                state_dir.display()
+            ))
+        })?;
+        Ok(RecordStore {
+            directory,
+            _lock: Arc::new(lock),
+        })
     }
 
     /// Writes a record atomically: a temporary file in the same folder, then a rename.

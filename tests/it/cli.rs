@@ -131,9 +131,11 @@ async fn quickstart_fixture_serves_this_repository() {
 }
 
 #[test]
-fn zero_setup_timeout_is_rejected() {
+fn setup_timeout_out_of_range_is_rejected() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quickstart.json");
-    let (code, stderr) = run_derrick(&["-w", fixture, "--setup-timeout", "0"]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("--setup-timeout"), "{stderr}");
+    for seconds in ["0", "18446744073709551615"] {
+        let (code, stderr) = run_derrick(&["-w", fixture, "--setup-timeout", seconds]);
+        assert_eq!(code, Some(2), "{seconds}: {stderr}");
+        assert!(stderr.contains("--setup-timeout"), "{seconds}: {stderr}");
+    }
 }

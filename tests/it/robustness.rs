@@ -249,3 +249,94 @@ async fn requests_outside_contract_get_errors() {
     assert_eq!(write.body["error"]["code"], "payload_too_large");
     assert!(!derrick.workspace_root(&id).join("big").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_fetch_keeps_agent_commit_out() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+    let clean = repository.head();
+
+    derrick
+        .output(
+            &id,
+            "cd code/app && echo local > local.txt && git add local.txt && git commit -qm local",
+        )
+        .await;
+    let fetched = derrick
+        .request("POST", &format!("/workspaces/{id}/fetch"), None)
+        .await;
+    assert_eq!(fetched.status, 200, "{}", fetched.body);
+    assert_ne!(
+        fetched.body["repositories"][0]["after"],
+        clean.as_str(),
+        "the agent's commit should stay checked out"
+    );
+
+    let reset = derrick
+        .post(&format!("/workspaces/{id}/reset"), json!({}))
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    assert_eq!(
+        derrick
+            .output(&id, "git -C code/app rev-parse HEAD")
+            .await
+            .trim(),
+        clean
+    );
+    assert_eq!(
+        derrick
+            .output(&id, "git -C code/app status --porcelain")
+            .await,
+        ""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_derrick_on_same_state_is_refused() {
+    let repository = one_commit_repository();
+    let configuration = config(repository.path().display(), "");
+    let derrick = Derrick::start(&configuration);
+    let id = derrick.create_id().await;
+    derrick.output(&id, "echo kept > kept.txt").await;
+
+    let config_path = derrick
+        .state_dir()
+        .parent()
+        .expect("folder")
+        .join("config.json");
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_derrick"))
+        .args(["--listen", "127.0.0.1:0", "-w"])
+        .arg(&config_path)
+        .arg("--cache-dir")
+        .arg(derrick.cache_dir())
+        .arg("--state-dir")
+        .arg(derrick.state_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run a second derrick");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another derrick"), "{stderr}");
+    assert!(!stderr.contains("left by an earlier run"), "{stderr}");
+
+    assert_eq!(derrick.output(&id, "cat kept.txt").await, "kept\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_create_env_is_rejected() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let reply = derrick
+        .post(
+            "/workspaces",
+            json!({ "env": { "BIG": "x".repeat(200_000) } }),
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "invalid_request");
+    assert_eq!(
+        derrick.get("/workspaces").await.body["workspaces"],
+        json!([])
+    );
+}
