@@ -37,7 +37,7 @@ pub enum Error {
     Unauthorized,
 
     /// No workspace with this id exists (or it was destroyed).
-    #[error("workspace `{id}` not found; list workspaces with GET /workspaces")]
+    #[error("workspace `{id}` not found; list the workspaces to see which exist")]
     WorkspaceNotFound { id: String },
 
     /// No endpoint has this method and path.

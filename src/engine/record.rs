@@ -161,7 +161,13 @@ impl RecordStore {
                 .to_str()
                 .and_then(|name| name.strip_suffix(".json"))
                 .and_then(WorkspaceId::parse);
-            ids.extend(id);
+            match id {
+                Some(id) => ids.push(id),
+                None => tracing::warn!(
+                    file = %entry.path().display(),
+                    "ignoring a file in the state folder that is not a workspace record"
+                ),
+            }
         }
         Ok(ids)
     }

@@ -638,7 +638,7 @@ fn encode_reply(result: Result<Vec<u8>, Error>, subject: &str, max_payload: usiz
     body.error.message = format!(
         "{} (the NATS server's max_payload); request less data (a smaller file, a command with \
          less output), raise max_payload in the server's configuration, or use the HTTP \
-         transport, which has no such limit",
+         transport, which carries files of up to 64 MiB",
         body.error.message
     );
     encode_error(&body)
