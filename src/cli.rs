@@ -42,7 +42,7 @@ const NATS_HEADING: &str = "NATS server mode (-s nats)";
     about = "Provision isolated, snapshot-backed workspaces for AI coding agents"
 )]
 pub struct Cli {
-    /// Where workspaces live.
+    /// The provisioning mode, which decides where workspaces are created.
     #[arg(
         short = 'p',
         long = "provisioning-mode",
@@ -51,7 +51,7 @@ pub struct Cli {
     )]
     pub provisioning_mode: ProvisioningMode,
 
-    /// How controllers reach derrick.
+    /// The transport that controllers use.
     #[arg(short = 's', long = "server-mode", value_enum, default_value = "http")]
     pub server_mode: ServerMode,
 
@@ -168,7 +168,7 @@ pub enum LayersFlag {
     Copy,
 }
 
-/// Runs derrick as the flags say, until SIGTERM or Ctrl-C.
+/// Runs derrick with the given flags until SIGTERM or Ctrl-C.
 ///
 /// # Errors
 /// Fails on an invalid configuration, a mode that this build lacks, or a server that cannot start.

@@ -330,8 +330,8 @@ impl Engine {
 
     /// Removes the workspaces that an earlier derrick left behind (after a crash or SIGKILL):
     /// their processes, mounts, scratch folders and records, logging each one.
-    // TODO: re-adopt live workspaces instead of removing them; their records and layer stacks
-    // are on disk, but the create request's env is not, so re-adoption needs it stored safely.
+    // TODO: re-adopt live workspaces instead of removing them. Their records and layer stacks are
+    // on disk, but the create request's env is not, so re-adoption needs it stored safely first.
     pub async fn remove_leftovers(&self) -> Result<()> {
         for id in self.records.ids().await? {
             match self.provider.destroy(&id).await {

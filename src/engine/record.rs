@@ -22,7 +22,7 @@ pub struct WorkspaceRecord {
     /// Provider kind, such as `local/overlay`.
     pub provider: String,
     pub created_at: String,
-    /// Which cached layer the create started from: `setup`, `repositories` or `none`.
+    /// The cached layer the create started from: `setup`, `repositories` or `none`.
     pub cache_hit: String,
     /// The latest transitions, oldest first; at most `MAX_HISTORY_ENTRIES`.
     pub history: Vec<HistoryEntry>,
