@@ -180,23 +180,28 @@ async fn message_without_reply_subject_is_logged_and_dropped() {
 
 /// A command longer than async-nats's default request timeout (10 s) still gets its reply,
 /// because derrick's NATS side adds no deadline to the command's own `timeout`.
+/// A 75-second command with a 120-second timeout replies `ok` over NATS and over HTTP alike:
+/// neither transport nor client may end it early (the default request timeout of async-nats is
+/// 10 seconds, and many HTTP clients give up after 30 or 60).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_command_replies_over_nats() {
+async fn long_command_replies_over_both_transports() {
     let (_repository, config) = sample_config();
-    let derrick = start(&config);
-    let id = derrick.create_id().await;
+    let over_nats = start(&config);
+    let over_http = Derrick::start(&config);
+    let nats_id = over_nats.create_id().await;
+    let http_id = over_http.create_id().await;
+    let body = json!({ "cmd": "sleep 75; echo ok", "timeout": 120 });
 
-    let reply = on(
-        &derrick,
-        &id,
-        "cmd_with_output",
-        json!({ "cmd": "sleep 11; echo ok", "timeout": 20 }),
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.body["output"], "ok\n");
-    assert_eq!(reply.body["exit_code"], 0);
-    assert_eq!(reply.body["timed_out"], false);
+    let nats_reply = on(&over_nats, &nats_id, "cmd_with_output", body.clone());
+    let http_path = format!("/workspaces/{http_id}/cmd_with_output");
+    let http_reply = over_http.post(&http_path, body);
+    let (nats_reply, http_reply) = tokio::join!(nats_reply, http_reply);
+    for (transport, reply) in [("nats", nats_reply), ("http", http_reply)] {
+        assert_eq!(reply.status, 200, "{transport}: {}", reply.body);
+        assert_eq!(reply.body["output"], "ok\n", "{transport}");
+        assert_eq!(reply.body["exit_code"], 0, "{transport}");
+        assert_eq!(reply.body["timed_out"], false, "{transport}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
