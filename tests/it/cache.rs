@@ -348,3 +348,54 @@ async fn branch_tag_and_commit_references() {
         reply.body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_build_once() {
+    let repository = TestRepo::new();
+    repository.write("a.txt", "a\n");
+    repository.commit("initial");
+    let counter = tempfile::tempdir().expect("counter folder");
+    let counter_file = counter.path().join("count");
+    let setup = format!("sleep 1 && {}", counting_setup(&counter_file));
+    let derrick = std::sync::Arc::new(Derrick::start(&config(repository.path().display(), &setup)));
+
+    let creates = (0..20).map(|_| {
+        let derrick = derrick.clone();
+        tokio::spawn(async move { derrick.request("POST", "/workspaces", None).await })
+    });
+    let replies = futures_util::future::join_all(creates).await;
+    let mut hits = Vec::new();
+    for reply in replies {
+        let reply = reply.expect("create task");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        hits.push(reply.body["cache"]["hit"].as_str().expect("hit").to_owned());
+    }
+    hits.sort();
+    assert_eq!(
+        hits.iter().filter(|hit| *hit == "none").count(),
+        1,
+        "{hits:?}"
+    );
+    assert_eq!(
+        hits.iter().filter(|hit| *hit == "setup").count(),
+        19,
+        "{hits:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&counter_file).expect("counter"),
+        "run\n",
+        "the setup ran more than once"
+    );
+    assert_eq!(
+        derrick.log().matches("how=\"cloned\"").count(),
+        1,
+        "the mirror was cloned more than once"
+    );
+    assert_eq!(
+        derrick.get("/workspaces").await.body["workspaces"]
+            .as_array()
+            .expect("list")
+            .len(),
+        20
+    );
+}
