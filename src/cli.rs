@@ -28,6 +28,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50080";
 /// Environment variable that may hold the NATS token instead of `--nats-token`.
 pub const NATS_TOKEN_VARIABLE: &str = "DERRICK_NATS_TOKEN";
 
+/// Environment variable that holds the HTTP API token, an alternative to `--auth-token`.
+pub const AUTH_TOKEN_VARIABLE: &str = "DERRICK_AUTH_TOKEN";
+
 /// Environment variable that may hold the NATS password instead of `--nats-password`.
 pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
 
@@ -75,6 +78,11 @@ pub struct Cli {
     /// system allows it.
     #[arg(long, value_enum, default_value = "auto")]
     pub layers: LayersFlag,
+
+    /// Bearer token that HTTP clients must send (`Authorization: Bearer <token>`) on every
+    /// endpoint but `/health`; required to listen on a non-loopback address.
+    #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
+    pub auth_token: Option<String>,
 
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
@@ -179,9 +187,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             mode_name(cli.provisioning_mode)
         );
     }
-    if cli.server_mode == ServerMode::Http && !cli.listen.ip().is_loopback() {
+    if cli
+        .auth_token
+        .as_deref()
+        .is_some_and(|token| token.trim().is_empty())
+    {
         bail!(
-            "--listen {} is not a loopback address; derrick has no authentication yet, so it serves only 127.0.0.1 or ::1",
+            "--auth-token (or {AUTH_TOKEN_VARIABLE}) is empty; give a non-empty secret or leave it unset"
+        );
+    }
+    if cli.server_mode == ServerMode::Http
+        && !cli.listen.ip().is_loopback()
+        && cli.auth_token.is_none()
+    {
+        bail!(
+            "--listen {} is not a loopback address; set --auth-token (or {AUTH_TOKEN_VARIABLE}) so that clients must authenticate, or listen on 127.0.0.1 or ::1",
             cli.listen
         );
     }
@@ -263,9 +283,16 @@ fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
 /// Serves the engine over the chosen transport until `shutdown`.
 async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> anyhow::Result<()> {
     match cli.server_mode {
-        ServerMode::Http => transport::http::serve(engine, cli.listen, shutdown)
-            .await
-            .with_context(|| format!("cannot serve HTTP on {}", cli.listen)),
+        ServerMode::Http => transport::http::serve(
+            transport::http::AppState {
+                engine,
+                auth_token: cli.auth_token.as_deref().map(Arc::from),
+            },
+            cli.listen,
+            shutdown,
+        )
+        .await
+        .with_context(|| format!("cannot serve HTTP on {}", cli.listen)),
         // The error names the URL (without user info) and what to check.
         ServerMode::Nats => {
             Ok(transport::nats::serve(engine, cli.nats.to_options(), shutdown).await?)

@@ -32,6 +32,8 @@ pub const MAX_REQUEST_BYTES: usize = (MAX_FILE_BYTES as usize / 3 * 4) * 78 / 76
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// The bearer token every endpoint but `/health` requires; `None` serves without one.
+    pub auth_token: Option<Arc<str>>,
 }
 
 /// Builds the router; tests drive it with `oneshot` or a listener of their own.
@@ -53,7 +55,52 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Rejects a request without `Authorization: Bearer <token>` when a token is configured.
+/// `/health` stays open, so that load balancers and supervisors can probe without a secret.
+async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = &state.auth_token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if presented.is_some_and(|token| tokens_match(token, expected)) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError(Error::Unauthorized).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Compares two tokens in time that does not depend on where they differ: both are hashed, and
+/// every byte of the digests is compared.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (presented, expected) = (Sha256::digest(presented), Sha256::digest(expected));
+    presented
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
 }
 
 /// Serves `router` on `listen` until `shutdown` is cancelled, then lets running requests finish.
@@ -61,13 +108,19 @@ pub fn router(state: AppState) -> Router {
 /// # Errors
 /// Fails when the address cannot be bound.
 pub async fn serve(
-    engine: Arc<Engine>,
+    state: AppState,
     listen: SocketAddr,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    info!(address = %listener.local_addr()?, "http server listening");
-    axum::serve(listener, router(AppState { engine }))
+    let authentication = if state.auth_token.is_some() {
+        "bearer token"
+    } else {
+        "none"
+    };
+    // The address comes last: test harnesses read the port from the end of this line.
+    info!(authentication, address = %listener.local_addr()?, "http server listening");
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -301,6 +354,14 @@ async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(tokens_match("secret", "secret"));
+        assert!(!tokens_match("secret", "secreT"));
+        assert!(!tokens_match("", "secret"));
+        assert!(!tokens_match("secret-and-more", "secret"));
+    }
 
     #[test]
     fn request_limit_fits_largest_file() {

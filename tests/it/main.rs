@@ -3,6 +3,7 @@
 
 mod support;
 
+mod auth;
 mod cache;
 mod cli;
 mod commands;
