@@ -19,7 +19,7 @@ pub struct CreateRequest {
     pub env: BTreeMap<String, String>,
 }
 
-/// Which cached layer a create started from.
+/// The deepest cached layer that the create started from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheInfo {
     /// `setup`, `repositories` or `none`.

@@ -28,7 +28,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50080";
 /// Environment variable that may hold the NATS token instead of `--nats-token`.
 pub const NATS_TOKEN_VARIABLE: &str = "DERRICK_NATS_TOKEN";
 
-/// Environment variable that holds the HTTP API token, an alternative to `--auth-token`.
+/// Environment variable that contains the HTTP API token, an alternative to `--auth-token`.
 pub const AUTH_TOKEN_VARIABLE: &str = "DERRICK_AUTH_TOKEN";
 
 /// Environment variable that may hold the NATS password instead of `--nats-password`.

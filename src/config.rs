@@ -5,7 +5,7 @@
 //! names the file, the field and what is allowed, so derrick refuses to start on a bad file.
 //!
 //! Invariant: `RawConfig` and its parts are the file format that users write; changing a field is
-//! a compatibility decision. No type here holds a credential: tokens stay in the environment of
+//! a compatibility decision. No type here contains a credential: tokens stay in the environment of
 //! the provider process and are read by `git` when it talks to a remote.
 
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ pub struct ConfigError {
     pub file: String,
     /// The JSON path of the offending field (`repositories[0].url`), or `(file)` for the whole.
     pub field: String,
-    /// What is wrong and what is allowed.
+    /// The problem and the allowed values.
     pub message: String,
 }
 
@@ -44,11 +44,11 @@ pub struct WorkspaceConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repository {
     pub url: RepoUrl,
-    /// Where the checkout lives, as an absolute path inside the workspace (`/code/app`).
+    /// The checkout's folder, as an absolute path inside the workspace (`/code/app`).
     pub path: String,
     /// Branch, tag or full commit id; `None` means the remote's default branch.
     pub reference: Option<String>,
-    /// Name of the provider-process environment variable that holds the token.
+    /// Name of the provider-process environment variable that contains the token.
     pub credentials_env: Option<String>,
 }
 

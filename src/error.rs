@@ -4,7 +4,7 @@
 //! This module decides codes and messages; the HTTP status and the NATS envelope are decided by
 //! the transports.
 //!
-//! Invariant: no variant holds a credential. Git URLs appear only as `RepoUrl`, which has no
+//! Invariant: no variant contains a credential. Git URLs appear only as `RepoUrl`, which has no
 //! user info, and command output comes from inside the workspace, where no token is ever placed.
 
 use std::fmt;
@@ -12,7 +12,7 @@ use std::fmt;
 /// The result type of the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a failed operation reports to its caller.
+/// The failure of a core operation, as reported to its caller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed or names a value that does not exist (a missing `working_dir`).

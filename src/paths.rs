@@ -555,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn a_working_dir_must_be_an_existing_folder() {
+    fn working_dir_must_be_existing_folder() {
         let sandbox = sandbox();
         check(&sandbox, "x", Some("sub/deeper"), Ok("/sub/deeper/x"));
         check(&sandbox, "x", Some("/missing"), Err("invalid_request"));
@@ -629,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn a_link_swapped_in_after_resolution_is_refused() {
+    fn link_swapped_after_resolution_is_rejected() {
         let sandbox = sandbox();
         let in_folder =
             WorkspacePath::resolve(&sandbox.root, "sub/secret.txt", None).expect("inside");

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::git::MirrorState;
 use crate::keys::{LayerKey, LayerKind};
 
-/// Which cached layer a create starts from.
+/// The deepest cached layer that a create starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CacheHit {
     Setup,

@@ -91,6 +91,12 @@ async fn lifecycle(transport: Transport) {
     let id = created["id"].as_str().expect("id").to_owned();
     assert_eq!(created["state"], "clean_snapshotted");
     assert_eq!(created["cache"]["hit"], "none");
+    for step in ["provision", "clone", "setup", "snapshot"] {
+        assert!(
+            created["durations_ms"][step].is_u64(),
+            "missing {step} in {created}"
+        );
+    }
     let on = |operation: &str| format!("/workspaces/{id}/{operation}");
 
     let listed = check_ok(derrick.get("/workspaces").await, "list");
@@ -108,6 +114,14 @@ async fn lifecycle(transport: Transport) {
         states,
         ["provisioned", "cloned", "setup", "clean_snapshotted"]
     );
+    let kinds: Vec<&str> = record["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|layer| layer["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, ["base", "repositories", "setup"]);
+    assert!(record["history"][1]["duration_ms"].is_u64(), "{record}");
     assert_eq!(record["repositories"][0]["commit"], head.as_str());
 
     let command = derrick
@@ -177,6 +191,10 @@ async fn lifecycle(transport: Transport) {
     assert_eq!(
         check_ok(derrick.get("/workspaces").await, "list"),
         json!({ "workspaces": [] })
+    );
+    assert!(
+        !derrick.workspace_root(&id).exists(),
+        "destroy leaves the workspace folder"
     );
 }
 

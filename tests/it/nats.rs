@@ -180,9 +180,9 @@ async fn message_without_reply_subject_is_logged_and_dropped() {
 
 /// A command longer than async-nats's default request timeout (10 s) still gets its reply,
 /// because derrick's NATS side adds no deadline to the command's own `timeout`.
-/// A 75-second command with a 120-second timeout replies `ok` over NATS and over HTTP alike:
-/// neither transport nor client may end it early (the default request timeout of async-nats is
-/// 10 seconds, and many HTTP clients give up after 30 or 60).
+/// A 75-second command with a 120-second timeout replies `ok` over NATS and over HTTP alike,
+/// because neither transport nor client may end it early. The default request timeout of
+/// async-nats is 10 seconds, and many HTTP clients give up after 30 or 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_command_replies_over_both_transports() {
     let (_repository, config) = sample_config();

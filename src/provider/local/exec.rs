@@ -548,7 +548,7 @@ async fn drain(mut receiver: Receiver, output: &mut TailBuffer) {
         }
     }
 
-    // A background process (`server &`) still holds the pipe. Reading on and discarding keeps
+    // A background process (`server &`) still has the pipe open. Reading on and discarding keeps
     // its writes from failing with SIGPIPE, which would kill it; the task ends with the last
     // writer, at the latest when a reset or destroy kills the workspace's processes.
     tokio::spawn(async move { while let Ok(1..) = receiver.read(&mut chunk).await {} });

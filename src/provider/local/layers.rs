@@ -370,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn a_layer_appears_only_when_published() {
+    fn layer_appears_only_when_published() {
         let (_directory, layout) = layout();
         let key = key('a');
         let staging = staged(&layout, "first");
@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_build_of_a_key_wins() {
+    fn first_build_of_key_wins() {
         let (_directory, layout) = layout();
         let key = key('b');
         let first = staged(&layout, "first");
@@ -427,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn the_base_layer_is_an_empty_tree() {
+    fn base_layer_is_empty_tree() {
         let (_directory, layout) = layout();
         let key = key('c');
         ensure_base_blocking(&layout, &key, "app").expect("base");

@@ -446,7 +446,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reused_group_id_is_not_trusted() {
+    fn reused_group_id_is_not_trusted() {
         let mut child = spawn(&WorkspaceId::generate(), "sleep 615", true);
         let group = ProcessGroup::of_leader(child.id()).expect("group");
         let reused = ProcessGroup {

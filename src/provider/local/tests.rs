@@ -1214,7 +1214,7 @@ async fn kernel_limits_are_invalid_requests() {
 }
 
 #[tokio::test]
-async fn a_removed_root_is_a_client_error_until_reset() {
+async fn removed_root_is_client_error_until_reset() {
     let fixture = Fixture::new(LayerMode::Copy).await;
     fixture.write("/file.txt", "x").await;
     fixture.run("cd / && rm -rf \"$HOME\"").await;

@@ -31,7 +31,7 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 /// missing reply fails the test instead of hanging it; derrick itself sets no such bound.
 const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
 
-/// The log line after which derrick answers on NATS.
+/// The log line after which derrick replies to NATS requests.
 const NATS_READY: &str = "serving nats requests";
 
 /// How a test reaches derrick.
@@ -102,7 +102,7 @@ impl Derrick {
         Self::start_in(folder, &config_path, args, env)
     }
 
-    /// Starts derrick on a configuration file; `folder` holds the cache and state folders.
+    /// Starts derrick on a configuration file; `folder` contains the cache and state folders.
     pub fn start_in(
         folder: TempDir,
         config_path: &Path,
@@ -618,7 +618,7 @@ fn subject_prefix(args: &[&str]) -> String {
         .map_or_else(|| "derrick".to_owned(), |prefix| (*prefix).to_owned())
 }
 
-/// Polls `condition` every 20 ms until it holds or `deadline` passes; returns whether it held.
+/// Polls `condition` every 20 ms until it is true or `deadline` passes; returns the last result.
 pub async fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     while Instant::now() < end {
@@ -630,7 +630,7 @@ pub async fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool)
     condition()
 }
 
-/// A configuration with one repository at `/code/app` and a setup script.
+/// Builds a configuration with one repository at `/code/app` and a setup script.
 pub fn config(url: impl std::fmt::Display, setup_script: &str) -> Value {
     json!({
         "name": "it",
