@@ -22,6 +22,12 @@ use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, 
 /// to a clock reading cannot overflow.
 const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
 
+/// Default `--shutdown-grace`: as long as `docker stop` waits before it kills.
+const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
+
+/// Largest `--shutdown-grace`: an hour, longer than a supervisor waits before SIGKILL anyway.
+const MAX_SHUTDOWN_GRACE_SECONDS: u64 = 3600;
+
 /// Default HTTP address: loopback only, the port of the original derrick.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50080";
 
@@ -87,6 +93,11 @@ pub struct Cli {
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
     pub setup_timeout: Option<u64>,
+
+    /// Seconds that a shutdown (SIGTERM, Ctrl-C) lets running requests finish before it kills
+    /// their commands.
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE_SECONDS, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECONDS))]
+    pub shutdown_grace: u64,
 
     #[command(flatten)]
     pub nats: NatsFlags,
@@ -211,10 +222,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let engine = Arc::new(build_engine(&cli)?);
-    engine.remove_leftovers().await?;
+    engine.recover().await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    tokio::spawn(interrupt_on_shutdown(engine.clone(), shutdown.clone()));
+    let grace = Duration::from_secs(cli.shutdown_grace);
+    tokio::spawn(interrupt_on_shutdown(
+        engine.clone(),
+        shutdown.clone(),
+        grace,
+    ));
     let served = serve(&cli, engine.clone(), shutdown).await;
     engine.shutdown().await;
     served?;
@@ -320,10 +336,16 @@ fn default_state_dir() -> PathBuf {
         .join("derrick")
 }
 
-/// Kills the workspaces' running commands and setup scripts once shutdown starts, so that the
-/// transports' graceful shutdown, which waits for running requests, ends promptly.
-async fn interrupt_on_shutdown(engine: Arc<Engine>, shutdown: CancellationToken) {
+/// Kills the workspaces' running commands and setup scripts once shutdown has let them run for
+/// `grace`, so that the transports' graceful shutdown, which waits for running requests, ends in
+/// bounded time. A shutdown whose requests all finish sooner exits before this fires.
+async fn interrupt_on_shutdown(engine: Arc<Engine>, shutdown: CancellationToken, grace: Duration) {
     shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+    info!(
+        grace_seconds = grace.as_secs(),
+        "killing the commands still running at shutdown"
+    );
     engine.interrupt().await;
 }
 

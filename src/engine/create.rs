@@ -136,6 +136,7 @@ impl Engine {
             operations: tokio::sync::Mutex::new(()),
         });
         self.persist(&workspace).await?;
+        self.records.write_env(&id, &workspace.env).await?;
         self.workspaces
             .lock()
             .expect("workspace map lock")

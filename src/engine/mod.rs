@@ -41,6 +41,13 @@ pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// lock files and small artifacts while keeping one request's memory bounded.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// What `Engine::recover` did with the workspaces of an earlier run.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub adopted: Vec<WorkspaceId>,
+    pub removed: Vec<WorkspaceId>,
+}
+
 /// Engine settings besides the provider.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -303,18 +310,20 @@ impl Engine {
         self.records.remove(&workspace.id).await
     }
 
-    /// Destroys every live workspace, logging each, so that stopping derrick leaves no mount or
-    /// process behind.
-    // TODO: a restarted derrick cannot re-adopt workspaces yet, so shutdown destroys them. Once
-    // start-up loads the records, shutdown should keep the workspaces and only record their state.
+    /// Lets go of every live workspace at shutdown, keeping it for the next start: kills its
+    /// processes, frees its mounts and leaves its record, so a restarted derrick re-adopts it.
     pub async fn shutdown(&self) {
-        for id in self.live_ids() {
-            match self.destroy(id.as_str()).await {
-                Ok(()) => info!(workspace_id = %id, "destroyed at shutdown"),
-                Err(error) => {
-                    tracing::error!(workspace_id = %id, error = %error, "cannot destroy at shutdown")
-                }
+        let ids = self.live_ids();
+        for id in &ids {
+            if let Err(error) = self.provider.release(id).await {
+                tracing::error!(workspace_id = %id, error = %error, "cannot release at shutdown");
             }
+        }
+        if !ids.is_empty() {
+            info!(
+                workspaces = ids.len(),
+                "kept the workspaces for the next start"
+            );
         }
     }
 
@@ -328,23 +337,98 @@ impl Engine {
         }
     }
 
-    /// Removes the workspaces that an earlier derrick left behind (after a crash or SIGKILL):
-    /// their processes, mounts, scratch folders and records, logging each one.
-    // TODO: re-adopt live workspaces instead of removing them. Their records and layer stacks are
-    // on disk, but the create request's env is not, so re-adoption needs it stored safely first.
-    pub async fn remove_leftovers(&self) -> Result<()> {
+    /// Takes back the workspaces that an earlier derrick left, after a shutdown or a crash, and
+    /// removes those it cannot take back, logging each one either way.
+    ///
+    /// A workspace is re-adopted when its record, its stored create environment and its
+    /// environment in the provider are intact and it was not in the middle of being created.
+    /// Processes that it ran under the earlier derrick are killed: their requests are gone. A
+    /// workspace caught in the middle of a reset finishes it.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let mut recovery = Recovery::default();
         for id in self.records.ids().await? {
+            if let Err(error) = self.provider.kill_processes(&id).await {
+                tracing::error!(workspace_id = %id, error = %error, "cannot kill the processes of a workspace left by an earlier run");
+            }
+            let reason = match self.readopt(&id).await {
+                Ok(Ok(state)) => {
+                    info!(workspace_id = %id, state = %state, "re-adopted a workspace left by an earlier run");
+                    recovery.adopted.push(id);
+                    continue;
+                }
+                Ok(Err(reason)) => reason,
+                Err(error) => error.to_string(),
+            };
+            self.workspaces
+                .lock()
+                .expect("workspace map lock")
+                .remove(&id);
             match self.provider.destroy(&id).await {
                 Ok(()) => {
-                    tracing::warn!(workspace_id = %id, "removed a workspace left by an earlier run");
+                    tracing::warn!(workspace_id = %id, reason = %reason, "removed a workspace left by an earlier run");
                     self.records.remove(&id).await?;
+                    recovery.removed.push(id);
                 }
                 Err(error) => {
                     tracing::error!(workspace_id = %id, error = %error, "cannot remove a workspace left by an earlier run");
                 }
             }
         }
-        Ok(())
+        Ok(recovery)
+    }
+
+    /// Re-adopts one workspace; `Ok(Err(reason))` says why it cannot be.
+    async fn readopt(&self, id: &WorkspaceId) -> Result<std::result::Result<String, String>> {
+        let Some(record) = self.records.read(id).await? else {
+            return Ok(Err("its record is gone".to_owned()));
+        };
+        if record.provider != self.provider.kind() {
+            return Ok(Err(format!(
+                "it belongs to provider {}, not {}",
+                record.provider,
+                self.provider.kind()
+            )));
+        }
+        if !matches!(
+            record.state.as_str(),
+            "clean_snapshotted" | "running" | "reset" | "failed"
+        ) {
+            return Ok(Err(format!(
+                "it was still being created (state {})",
+                record.state
+            )));
+        }
+        let Some(env) = self.records.read_env(id).await? else {
+            return Ok(Err("its create environment was not stored".to_owned()));
+        };
+        let layers: Vec<LayerKey> = record
+            .layers
+            .iter()
+            .map(|layer| layer.key.clone())
+            .collect();
+        if !self.provider.adopt(id, &layers).await? {
+            return Ok(Err("its environment is gone".to_owned()));
+        }
+        let workspace = Arc::new(Workspace {
+            id: id.clone(),
+            env,
+            record: Mutex::new(record),
+            operations: tokio::sync::Mutex::new(()),
+        });
+        self.workspaces
+            .lock()
+            .expect("workspace map lock")
+            .insert(id.clone(), workspace.clone());
+        let state = workspace.record.lock().expect("record lock").state.clone();
+        if state == "reset" {
+            let started = Instant::now();
+            if let Err(error) = self.restore(&workspace).await {
+                return Ok(Err(format!("its interrupted reset failed: {error}")));
+            }
+            self.transition(&workspace, "restore", started).await?;
+        }
+        let state = workspace.record.lock().expect("record lock").state.clone();
+        Ok(Ok(state))
     }
 
     fn live_ids(&self) -> Vec<WorkspaceId> {

@@ -152,4 +152,15 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Kills the workspace's processes and removes its environment and scratch data. Layers stay.
     async fn destroy(&self, id: &WorkspaceId) -> Result<()>;
+
+    /// Takes back a workspace that an earlier derrick process left (after a restart or a crash),
+    /// expecting `layers`, bottom first. The caller has killed its processes.
+    ///
+    /// Returns `false` when its environment is gone or stands on other layers; the engine then
+    /// destroys it.
+    async fn adopt(&self, id: &WorkspaceId, layers: &[LayerKey]) -> Result<bool>;
+
+    /// Lets go of a workspace at shutdown without losing it: kills its processes and frees what
+    /// only a running derrick should hold (such as mounts), keeping its content for `adopt`.
+    async fn release(&self, id: &WorkspaceId) -> Result<()>;
 }

@@ -1,8 +1,13 @@
 //! The workspace record: state, history, layers and commits, written atomically on every change.
 //!
 //! Invariant: the record is a persisted format that a restarted derrick reads, and the body of
-//! `GET /workspaces/{id}`. It never contains environment values, which may carry secrets.
+//! `GET /workspaces/{id}`. It never contains environment values, which may carry secrets: the
+//! environment of the create request, which a restarted derrick needs to re-adopt the workspace,
+//! sits in a file of its own beside the record, readable only by derrick's user.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -133,14 +138,67 @@ impl RecordStore {
             .map_err(|error| Error::internal(format!("rename {}", temporary.display()), error))
     }
 
-    /// Removes the record of a destroyed workspace.
+    /// Reads a stored record; `None` when there is none.
+    pub async fn read(&self, id: &WorkspaceId) -> Result<Option<WorkspaceRecord>> {
+        let path = self.path(id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(Error::internal(format!("read {}", path.display()), error)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| Error::internal(format!("parse {}", path.display()), error))
+    }
+
+    /// Stores the environment of a workspace's create request, readable only by this user.
+    pub async fn write_env(&self, id: &WorkspaceId, env: &BTreeMap<String, String>) -> Result<()> {
+        let path = self.env_path(id);
+        let bytes =
+            serde_json::to_vec(env).map_err(|error| Error::internal("serialize env", error))?;
+        tokio::task::spawn_blocking(move || {
+            let temporary = path.with_extension("env.tmp");
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)
+                .and_then(|mut file| file.write_all(&bytes))
+                .and_then(|()| std::fs::rename(&temporary, &path));
+            written.map_err(|error| Error::internal(format!("write {}", path.display()), error))
+        })
+        .await?
+    }
+
+    /// Reads the stored environment of a workspace's create request; `None` when there is none.
+    pub async fn read_env(&self, id: &WorkspaceId) -> Result<Option<BTreeMap<String, String>>> {
+        let path = self.env_path(id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(Error::internal(format!("read {}", path.display()), error)),
+        };
+        // The error names the file only: serde's message could quote a value.
+        serde_json::from_slice(&bytes).map(Some).map_err(|_| {
+            Error::internal(
+                format!("parse {}", path.display()),
+                "not a JSON object of strings",
+            )
+        })
+    }
+
+    /// Removes the record of a destroyed workspace and its stored environment.
     pub async fn remove(&self, id: &WorkspaceId) -> Result<()> {
-        match tokio::fs::remove_file(self.path(id)).await {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::internal(format!("remove record of {id}"), error))
+        for path in [self.env_path(id), self.path(id)] {
+            match tokio::fs::remove_file(&path).await {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::internal(format!("remove {}", path.display()), error));
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     /// Lists the ids of the stored records.
@@ -157,10 +215,11 @@ impl RecordStore {
             .map_err(|error| Error::internal(format!("list {}", self.directory.display()), error))?
         {
             let name = entry.file_name();
-            let id = name
-                .to_str()
-                .and_then(|name| name.strip_suffix(".json"))
-                .and_then(WorkspaceId::parse);
+            let name = name.to_str().unwrap_or_default();
+            if name.ends_with(".env") || name.ends_with(".tmp") {
+                continue;
+            }
+            let id = name.strip_suffix(".json").and_then(WorkspaceId::parse);
             match id {
                 Some(id) => ids.push(id),
                 None => tracing::warn!(
@@ -174,6 +233,10 @@ impl RecordStore {
 
     fn path(&self, id: &WorkspaceId) -> PathBuf {
         self.directory.join(format!("{id}.json"))
+    }
+
+    fn env_path(&self, id: &WorkspaceId) -> PathBuf {
+        self.directory.join(format!("{id}.env"))
     }
 }
 

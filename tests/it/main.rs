@@ -14,5 +14,6 @@ mod git_server;
 mod nats;
 mod provider_defects;
 mod reset;
+mod restarts;
 mod robustness;
 mod workspaces;

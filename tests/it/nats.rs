@@ -373,12 +373,14 @@ async fn unreachable_server_fails_start_up() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
-/// Shutdown kills the workspaces' running commands, and the request that ran one still gets its
-/// reply, with the killed command's exit code, before derrick exits.
+/// Shutdown kills the workspaces' running commands after its grace, and the request that ran one
+/// still gets its reply, with the killed command's exit code, before derrick exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_still_replies_to_running_requests() {
     let (_repository, config) = sample_config();
-    let derrick = Arc::new(start(&config));
+    let server = NatsServer::start();
+    let derrick = Derrick::start_nats(server, &config, &["--shutdown-grace", "1"], &[]);
+    let derrick = Arc::new(derrick);
     let id = derrick.create_id().await;
 
     let running = {

@@ -1,11 +1,11 @@
-//! Failure paths: force-pushed upstreams, shutdown with running commands, crashes, clients that
-//! disconnect, and requests outside the contract.
+//! Failure paths: force-pushed upstreams, clients that disconnect, and requests outside the
+//! contract. Shutdowns, crashes and restarts are in `restarts`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::derrick::{Derrick, config, processes_matching, wait_until};
+use crate::support::derrick::{Derrick, config, wait_until};
 use crate::support::repos::{TestRepo, git};
 
 fn one_commit_repository() -> TestRepo {
@@ -13,14 +13,6 @@ fn one_commit_repository() -> TestRepo {
     repository.write("a.txt", "one\n");
     repository.commit("one");
     repository
-}
-
-fn mounts_under(path: &std::path::Path) -> usize {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    mounts
-        .lines()
-        .filter(|line| line.contains(path.to_str().expect("utf-8")))
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,86 +81,6 @@ async fn force_pushed_upstream_reaches_workspaces() {
         local.trim(),
         "a fetch dropped the agent's commit"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_ends_running_commands() {
-    let repository = one_commit_repository();
-    let mut derrick = Derrick::start(&config(repository.path().display(), ""));
-    let id = derrick.create_id().await;
-    let root = derrick.workspace_root(&id);
-    let url = format!("{}/workspaces/{id}/cmd_with_output", derrick.base_url());
-    let pending = tokio::spawn(async move {
-        let request = reqwest::Client::new()
-            .post(url)
-            .json(&json!({ "cmd": "sleep 313", "timeout": 300 }));
-        let _ = tokio::time::timeout(Duration::from_secs(60), request.send()).await;
-    });
-    assert!(
-        wait_until(Duration::from_secs(10), || processes_matching("sleep 313")
-            .len()
-            == 1)
-        .await
-    );
-
-    let started = Instant::now();
-    let status = derrick.stop();
-    assert!(status.success(), "derrick exited with {status}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "shutdown waited {:?} for the command",
-        started.elapsed()
-    );
-    assert!(processes_matching("sleep 313").is_empty());
-    assert_eq!(mounts_under(&root), 0, "the workspace is still mounted");
-    let _ = pending.await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_after_crash_removes_leftovers() {
-    let repository = one_commit_repository();
-    let configuration = config(repository.path().display(), "");
-    let derrick = Derrick::start(&configuration);
-    let id = derrick.create_id().await;
-    derrick
-        .output(&id, "setsid sleep 929 > /dev/null 2>&1 &")
-        .await;
-    assert!(
-        wait_until(Duration::from_secs(10), || processes_matching("sleep 929")
-            .len()
-            == 1)
-        .await
-    );
-    let root = derrick.workspace_root(&id);
-    let state_dir = derrick.state_dir();
-
-    let folder = derrick.crash();
-    assert_eq!(
-        mounts_under(&root),
-        1,
-        "the crash should leave the mount for the restart to clean"
-    );
-    let restarted = Derrick::start_on(folder, &configuration, &[], &[]);
-    assert!(
-        wait_until(Duration::from_secs(5), || processes_matching("sleep 929")
-            .is_empty())
-        .await,
-        "a process of the old workspace survived"
-    );
-    assert_eq!(mounts_under(&root), 0);
-    assert!(!root.exists());
-    assert!(
-        !state_dir
-            .join("workspaces")
-            .join(format!("{id}.json"))
-            .exists()
-    );
-    assert!(
-        restarted.log().contains(&id) && restarted.log().contains("left by an earlier run"),
-        "{}",
-        restarted.log()
-    );
-    assert_eq!(restarted.create().await["cache"]["hit"], "setup");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -328,6 +328,26 @@ impl Provider for LocalProvider {
         self.workspaces.remove(id);
         Ok(())
     }
+
+    /// Mounts the workspace again (overlay) when a reboot or a shutdown unmounted it.
+    async fn adopt(&self, id: &WorkspaceId, layers: &[LayerKey]) -> Result<bool> {
+        match self.loaded_layers(id).await {
+            Ok(stack) if stack == layers => Ok(true),
+            Ok(_) | Err(Error::WorkspaceNotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Unmounts the workspace, so that no mount stays while derrick is stopped; its folder keeps
+    /// the scratch layer and `layers.json` for `adopt`.
+    async fn release(&self, id: &WorkspaceId) -> Result<()> {
+        self.kill_processes(id).await?;
+        let owned = id.clone();
+        self.blocking(move |layout| workspace::release_blocking(layout, &owned))
+            .await?;
+        self.workspaces.remove(id);
+        Ok(())
+    }
 }
 
 impl Format {

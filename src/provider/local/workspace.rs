@@ -110,6 +110,12 @@ pub(super) fn destroy_blocking(layout: &Layout, id: &WorkspaceId) -> Result<()> 
     remove_tree(&folder).map_err(cannot(format!("remove {}", folder.display())))
 }
 
+/// Detaches every mount below the workspace folder, its overlay included, and keeps its files.
+pub(super) fn release_blocking(layout: &Layout, id: &WorkspaceId) -> Result<()> {
+    mounts::unmount_below_blocking(&layout.workspace(id))?;
+    overlay::unmount_blocking(&layout.root(id))
+}
+
 fn write_stack_blocking(layout: &Layout, id: &WorkspaceId, layers: &[LayerKey]) -> Result<()> {
     let path = layout.stack_file(id);
     let json = serde_json::to_vec_pretty(&StackFile {
