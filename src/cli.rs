@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::cache::{self, Usage};
+use crate::engine::record::RecordStore;
+use crate::engine::{Engine, EngineOptions, Provider};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
 use crate::transport;
 use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
@@ -21,6 +23,13 @@ use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, 
 /// Largest `--setup-timeout`: one week, far beyond any real setup, and small enough that adding it
 /// to a clock reading cannot overflow.
 const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
+
+/// Default `--max-workspaces`. Each workspace costs a mount, a folder and a record, so the
+/// limit keeps a runaway controller from filling the host; raise it on hosts made for more.
+const DEFAULT_MAX_WORKSPACES: u64 = 256;
+
+/// Largest `--idle-timeout`: thirty days.
+const MAX_IDLE_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
 
 /// Default `--shutdown-grace`: as long as `docker stop` waits before it kills.
 const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
@@ -50,7 +59,57 @@ const NATS_HEADING: &str = "NATS server mode (-s nats)";
     version,
     about = "Provision isolated, snapshot-backed workspaces for AI coding agents"
 )]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// An operator command instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The transport that controllers use.
+    #[arg(short = 's', long = "server-mode", value_enum, default_value = "http")]
+    pub server_mode: ServerMode,
+
+    /// Workspace configuration file (JSON).
+    #[arg(short = 'w', long = "workspace-config-path", required = true)]
+    pub workspace_config_path: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub store: StoreFlags,
+
+    /// Seconds after which a setup script is killed and the create fails [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
+    pub setup_timeout: Option<u64>,
+
+    /// Address of the HTTP server; a non-loopback address needs --auth-token.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Bearer token that HTTP clients must send (`Authorization: Bearer <token>`) on every
+    /// endpoint but `/health`; required to listen on a non-loopback address.
+    #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Largest number of workspaces; a create beyond it gets `429 workspace_limit_reached`.
+    #[arg(long, default_value_t = DEFAULT_MAX_WORKSPACES, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_workspaces: u64,
+
+    /// Seconds after which a workspace that no request has named is destroyed [default: never].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_IDLE_TIMEOUT_SECONDS))]
+    pub idle_timeout: Option<u64>,
+
+    /// Seconds that a shutdown (SIGTERM, Ctrl-C) lets running requests finish before it kills
+    /// their commands.
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE_SECONDS, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECONDS))]
+    pub shutdown_grace: u64,
+
+    #[command(flatten)]
+    pub nats: NatsFlags,
+}
+
+/// Where workspaces and layers live: the provider and its folders. Shared by serving, `warm` and
+/// `cache`.
+#[derive(Debug, clap::Args)]
+pub struct StoreFlags {
     /// The provisioning mode, which decides where workspaces are created.
     #[arg(
         short = 'p',
@@ -59,18 +118,6 @@ pub struct Cli {
         default_value = "local"
     )]
     pub provisioning_mode: ProvisioningMode,
-
-    /// The transport that controllers use.
-    #[arg(short = 's', long = "server-mode", value_enum, default_value = "http")]
-    pub server_mode: ServerMode,
-
-    /// Workspace configuration file (JSON).
-    #[arg(short = 'w', long = "workspace-config-path")]
-    pub workspace_config_path: PathBuf,
-
-    /// Address of the HTTP server; only loopback addresses are accepted.
-    #[arg(long, default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
 
     /// Folder for layers, Git mirrors and workspace scratch data [default: <user cache dir>/derrick].
     #[arg(long)]
@@ -85,22 +132,57 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto")]
     pub layers: LayersFlag,
 
-    /// Bearer token that HTTP clients must send (`Authorization: Bearer <token>`) on every
-    /// endpoint but `/health`; required to listen on a non-loopback address.
-    #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
-    pub auth_token: Option<String>,
+    /// Size in bytes above which the least recently used layers that no workspace uses are
+    /// evicted after each new layer [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_max_bytes: Option<u64>,
+}
 
-    /// Seconds after which a setup script is killed and the create fails [default: no limit].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
-    pub setup_timeout: Option<u64>,
+/// Operator commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Build the clean snapshot of a configuration and exit, for cache-warming jobs.
+    Warm(WarmArgs),
+    /// Inspect or prune the layer cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
 
-    /// Seconds that a shutdown (SIGTERM, Ctrl-C) lets running requests finish before it kills
-    /// their commands.
-    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE_SECONDS, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECONDS))]
-    pub shutdown_grace: u64,
+/// Flags of `derrick warm`.
+#[derive(Debug, clap::Args)]
+pub struct WarmArgs {
+    /// Workspace configuration file (JSON).
+    #[arg(short = 'w', long = "workspace-config-path")]
+    pub workspace_config_path: PathBuf,
 
     #[command(flatten)]
-    pub nats: NatsFlags,
+    pub store: StoreFlags,
+
+    /// Seconds after which the setup script is killed and the warm fails [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
+    pub setup_timeout: Option<u64>,
+}
+
+/// `derrick cache` commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum CacheCommand {
+    /// List the cached layers, most recently used first.
+    List {
+        #[command(flatten)]
+        store: StoreFlags,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove least recently used layers that no workspace uses, down to --max-bytes (every
+    /// such layer without it). Refused while a derrick runs on the same --state-dir.
+    Prune {
+        #[command(flatten)]
+        store: StoreFlags,
+        /// Size in bytes to prune the cache down to [default: 0].
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
+    },
 }
 
 /// Flags of the NATS transport. Secrets are `Secret`s, so printing the flags never shows them.
@@ -192,12 +274,18 @@ pub enum LayersFlag {
 /// # Errors
 /// Fails on an invalid configuration, a mode that this build lacks, or a server that cannot start.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.provisioning_mode != ProvisioningMode::Local {
-        bail!(
-            "provisioning mode `{}` is not available in this build; use `-p local`",
-            mode_name(cli.provisioning_mode)
-        );
+    match &cli.command {
+        None => serve_command(&cli).await,
+        Some(Command::Warm(args)) => warm(args).await,
+        Some(Command::Cache(CacheCommand::List { store, json })) => cache_list(store, *json).await,
+        Some(Command::Cache(CacheCommand::Prune { store, max_bytes })) => {
+            cache_prune(store, *max_bytes).await
+        }
     }
+}
+
+/// Serves the configuration until SIGTERM or Ctrl-C.
+async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
     if cli
         .auth_token
         .as_deref()
@@ -221,20 +309,148 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.nats.to_options().validate()?;
     }
 
-    let engine = Arc::new(build_engine(&cli)?);
+    let config_path = cli
+        .workspace_config_path
+        .as_deref()
+        .context("-w is required")?;
+    let state_dir = cli.store.state_dir();
+    let limits = Limits {
+        setup_timeout: cli.setup_timeout,
+        max_workspaces: usize::try_from(cli.max_workspaces)?,
+    };
+    let engine = Arc::new(build_engine(&cli.store, config_path, &state_dir, limits)?);
     engine.recover().await?;
+    engine.enforce_cache_limit().await;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    if let Some(seconds) = cli.idle_timeout {
+        let idle_timeout = Duration::from_secs(seconds);
+        tokio::spawn(destroy_idle_workspaces(
+            engine.clone(),
+            idle_timeout,
+            shutdown.clone(),
+        ));
+    }
     let grace = Duration::from_secs(cli.shutdown_grace);
     tokio::spawn(interrupt_on_shutdown(
         engine.clone(),
         shutdown.clone(),
         grace,
     ));
-    let served = serve(&cli, engine.clone(), shutdown).await;
+    let served = serve(cli, engine.clone(), shutdown).await;
     engine.shutdown().await;
     served?;
     info!("stopped");
+    Ok(())
+}
+
+/// Builds the clean snapshot of a configuration through one workspace, which it destroys.
+///
+/// The workspace's record goes to a private temporary state folder, so a warm job can run while a
+/// derrick serves the same cache.
+async fn warm(args: &WarmArgs) -> anyhow::Result<()> {
+    let state_dir =
+        std::env::temp_dir().join(format!("derrick-warm-{}", uuid::Uuid::new_v4().simple()));
+    let warmed = warm_in(args, &state_dir).await;
+    if let Err(error) = std::fs::remove_dir_all(&state_dir) {
+        tracing::warn!(folder = %state_dir.display(), error = %error, "cannot remove the temporary state folder");
+    }
+    warmed
+}
+
+async fn warm_in(args: &WarmArgs, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let limits = Limits {
+        setup_timeout: args.setup_timeout,
+        max_workspaces: 1,
+    };
+    let engine = build_engine(&args.store, &args.workspace_config_path, state_dir, limits)?;
+    let setup_key = engine.keys().setup.clone();
+    info!(layer_key = %setup_key, "warming the clean snapshot");
+    let created = match engine.create(crate::api::CreateRequest::default()).await {
+        Ok(created) => created,
+        Err(error) => return Err(warm_failure(&engine, error)),
+    };
+    engine.destroy(&created.id).await?;
+    let durations: Vec<String> = created
+        .durations_ms
+        .iter()
+        .map(|(step, ms)| format!("{step} {ms} ms"))
+        .collect();
+    info!(layer_key = %setup_key, cache_hit = %created.cache.hit, durations = %durations.join(", "), "clean snapshot ready");
+    println!("{setup_key}");
+    Ok(())
+}
+
+/// Describes a failed warm with the failing step, its exit code and its output.
+fn warm_failure(engine: &Engine, error: crate::error::Error) -> anyhow::Error {
+    let failure = engine
+        .list()
+        .workspaces
+        .first()
+        .and_then(|summary| engine.get(&summary.id).ok())
+        .and_then(|record| record.failure);
+    let Some(failure) = failure else {
+        return anyhow::Error::new(error).context("cannot build the clean snapshot");
+    };
+    let exit_code = failure
+        .exit_code
+        .map_or_else(String::new, |code| format!(" with exit code {code}"));
+    anyhow::anyhow!(
+        "the {} step failed{exit_code}; its output:\n{}",
+        failure.step,
+        failure.output.trim_end()
+    )
+}
+
+/// Prints the cached layers; works while a derrick serves the same folders.
+async fn cache_list(store: &StoreFlags, json: bool) -> anyhow::Result<()> {
+    let provider = build_provider(store)?;
+    let usage = Usage::new(&store.cache_dir());
+    let in_use = crate::engine::record::recorded_layers(&store.state_dir()).await?;
+    let entries = cache::entries(provider.as_ref(), &usage, &in_use).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<18} {:>12} {:<25} {:<6} CONFIGURATION",
+        "KEY", "STATE", "BYTES", "LAST USED", "IN USE"
+    );
+    for entry in &entries {
+        println!(
+            "{:<16} {:<18} {:>12} {:<25} {:<6} {}",
+            entry.key.short(),
+            entry.state,
+            entry.size_bytes,
+            entry.last_used,
+            if entry.in_use { "yes" } else { "no" },
+            entry.config_name
+        );
+    }
+    Ok(())
+}
+
+/// Removes least recently used layers that no recorded workspace uses. Holds the state folder's
+/// lock, so no derrick can start workspaces on a layer while it goes.
+async fn cache_prune(store: &StoreFlags, max_bytes: u64) -> anyhow::Result<()> {
+    let state_dir = store.state_dir();
+    let _records = RecordStore::open(&state_dir).context(
+        "stop the derrick that uses this state folder first, or let it evict with --cache-max-bytes",
+    )?;
+    let provider = build_provider(store)?;
+    let usage = Usage::new(&store.cache_dir());
+    let in_use = crate::engine::record::recorded_layers(&state_dir).await?;
+    let removed = cache::evict(provider.as_ref(), &usage, &in_use, max_bytes).await?;
+    let freed: u64 = removed.iter().map(|entry| entry.size_bytes).sum();
+    for entry in &removed {
+        println!(
+            "removed {} {} {} bytes",
+            entry.key.short(),
+            entry.state,
+            entry.size_bytes
+        );
+    }
+    println!("freed {freed} bytes in {} layers", removed.len());
     Ok(())
 }
 
@@ -270,12 +486,44 @@ impl NatsFlags {
     }
 }
 
-/// Loads the configuration and builds the local provider and the engine over it.
-fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
-    let config = config::load(&cli.workspace_config_path)?;
-    let cache_dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    let layer_mode = match cli.layers {
+/// Engine limits that differ between serving and `warm`.
+struct Limits {
+    setup_timeout: Option<u64>,
+    max_workspaces: usize,
+}
+
+/// Loads the configuration and builds the provider and the engine over it.
+fn build_engine(
+    store: &StoreFlags,
+    config_path: &std::path::Path,
+    state_dir: &std::path::Path,
+    limits: Limits,
+) -> anyhow::Result<Engine> {
+    let config = config::load(config_path)?;
+    let provider = build_provider(store)?;
+    let cache_dir = store.cache_dir();
+    info!(provider = %provider.kind(), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
+    let options = EngineOptions {
+        config,
+        cache_dir,
+        state_dir: state_dir.to_owned(),
+        setup_timeout: limits.setup_timeout.map(Duration::from_secs),
+        cache_max_bytes: store.cache_max_bytes,
+        max_workspaces: limits.max_workspaces,
+    };
+    Ok(Engine::new(options, provider)?)
+}
+
+/// Builds the provider that `-p` names.
+fn build_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
+    if store.provisioning_mode != ProvisioningMode::Local {
+        bail!(
+            "provisioning mode `{}` is not available in this build; use `-p local`",
+            mode_name(store.provisioning_mode)
+        );
+    }
+    let cache_dir = store.cache_dir();
+    let layer_mode = match store.layers {
         LayersFlag::Auto => LayerMode::Auto,
         LayersFlag::Overlay => LayerMode::Overlay,
         LayersFlag::Copy => LayerMode::Copy,
@@ -285,15 +533,17 @@ fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
         layer_mode,
     })
     .with_context(|| format!("cannot start the local provider in {}", cache_dir.display()))?;
-    info!(provider = %crate::engine::Provider::kind(&provider), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
+    Ok(Arc::new(provider))
+}
 
-    let options = EngineOptions {
-        config,
-        cache_dir,
-        state_dir,
-        setup_timeout: cli.setup_timeout.map(Duration::from_secs),
-    };
-    Ok(Engine::new(options, Arc::new(provider))?)
+impl StoreFlags {
+    fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
 }
 
 /// Serves the engine over the chosen transport until `shutdown`.
@@ -347,6 +597,23 @@ async fn interrupt_on_shutdown(engine: Arc<Engine>, shutdown: CancellationToken,
         "killing the commands still running at shutdown"
     );
     engine.interrupt().await;
+}
+
+/// Destroys idle workspaces until shutdown, checking several times per `idle_timeout`.
+async fn destroy_idle_workspaces(
+    engine: Arc<Engine>,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let period = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => engine.destroy_idle(idle_timeout).await,
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -99,6 +99,12 @@ pub enum Error {
         reason: String,
     },
 
+    /// A create would exceed `--max-workspaces`.
+    #[error(
+        "derrick already has {limit} workspaces, the --max-workspaces limit; destroy workspaces that are no longer needed, or ask the operator to raise the limit"
+    )]
+    WorkspaceLimitReached { limit: usize },
+
     /// The provider's backend (Docker engine, NATS, a worker) cannot be reached.
     #[error("provider unavailable: {0}")]
     ProviderUnavailable(String),
@@ -126,6 +132,7 @@ impl Error {
             Error::CommandFailed { .. } => "command_failed",
             Error::SetupFailed { .. } => "setup_failed",
             Error::GitFailed { .. } => "git_failed",
+            Error::WorkspaceLimitReached { .. } => "workspace_limit_reached",
             Error::ProviderUnavailable(_) => "provider_unavailable",
             Error::Internal(_) => "internal",
         }

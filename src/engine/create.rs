@@ -6,7 +6,7 @@
 //! Builds of one setup layer run once: concurrent creates wait on the build lock and then hit.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{info, instrument};
@@ -48,8 +48,10 @@ impl Engine {
     #[instrument(skip_all)]
     pub async fn create(&self, request: api::CreateRequest) -> Result<api::CreateResponse> {
         validate_env(&request.env)?;
+        let _slot = self.reserve_slot()?;
         let build_lock = self.build_lock(&self.keys.setup);
         let mut build_guard = Some(build_lock.lock().await);
+        let cache_guard = self.cache_guard.read().await;
         let hit = if self.provider.layer(&self.keys.setup).await?.is_some() {
             build_guard = None;
             CacheHit::Setup
@@ -67,6 +69,8 @@ impl Engine {
 
         let mut durations = Durations::new();
         let workspace = self.provision(hit, request.env, &mut durations).await?;
+        drop(cache_guard);
+        self.usage.touch(self.layers_of(&workspace)).await;
         let built = self.build(&workspace, hit, &mut durations).await;
         drop(build_guard);
         if let Err(error) = built {
@@ -78,6 +82,10 @@ impl Engine {
             return Err(error);
         }
 
+        if hit != CacheHit::Setup {
+            self.usage.touch(self.layers_of(&workspace)).await;
+            self.enforce_cache_limit().await;
+        }
         let state = workspace.record.lock().expect("record lock").state.clone();
         Ok(api::CreateResponse {
             id: workspace.id.to_string(),
@@ -129,12 +137,7 @@ impl Engine {
             failure: None,
         };
         info!(workspace_id = %id, state = %record.state, duration_ms, "transition");
-        let workspace = Arc::new(Workspace {
-            id: id.clone(),
-            env,
-            record: Mutex::new(record),
-            operations: tokio::sync::Mutex::new(()),
-        });
+        let workspace = Arc::new(Workspace::new(id.clone(), env, record));
         self.persist(&workspace).await?;
         self.records.write_env(&id, &workspace.env).await?;
         self.workspaces
@@ -179,6 +182,7 @@ impl Engine {
         let mut checkouts = Vec::with_capacity(self.config.repositories.len());
         let mut records = Vec::with_capacity(self.config.repositories.len());
         for repository in &self.config.repositories {
+            info!(workspace_id = %workspace.id, url = %repository.url, "syncing mirror");
             let state = self.mirrors.sync(repository).await?;
             log_sync(workspace, repository.url.as_str(), &state);
             records.push(repository_record(repository, &state));
@@ -194,7 +198,7 @@ impl Engine {
     /// reference points to now, so a reused snapshot never serves stale code.
     async fn refresh_checkouts(&self, workspace: &Workspace) -> Result<()> {
         let top = self
-            .cached_layers_of(workspace)
+            .layers_of(workspace)
             .last()
             .cloned()
             .expect("a cache hit has at least one layer");
@@ -232,6 +236,7 @@ impl Engine {
     ) -> Result<()> {
         let started = Instant::now();
         if !self.config.setup_script.trim().is_empty() {
+            info!(workspace_id = %workspace.id, "running the setup script");
             let request = ExecRequest {
                 cmd: self.config.setup_script.clone(),
                 working_dir: None,
@@ -265,7 +270,7 @@ impl Engine {
 
     /// Records the workspace's content as a layer and adds it to the workspace's record.
     async fn snapshot(&self, workspace: &Workspace, kind: LayerKind, key: &LayerKey) -> Result<()> {
-        let parent = self.cached_layers_of(workspace).last().cloned();
+        let parent = self.layers_of(workspace).last().cloned();
         let commits = workspace
             .record
             .lock()
@@ -282,6 +287,7 @@ impl Engine {
             commits,
             created_at: record::now_rfc3339(),
         };
+        let _cache_guard = self.cache_guard.read().await;
         self.provider.snapshot(&workspace.id, &meta).await?;
         info!(workspace_id = %workspace.id, layer_key = %key.short(), kind = kind.as_str(), "layer stored");
         let layer = LayerRecord {
@@ -319,15 +325,6 @@ impl Engine {
                 cache_hit: false,
             }],
         }
-    }
-
-    fn cached_layers_of(&self, workspace: &Workspace) -> Vec<LayerKey> {
-        let record = workspace.record.lock().expect("record lock");
-        record
-            .layers
-            .iter()
-            .map(|layer| layer.key.clone())
-            .collect()
     }
 }
 

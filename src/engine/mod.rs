@@ -9,6 +9,7 @@
 //! are ordered and operations on different workspaces never wait on each other. Reset and destroy
 //! kill the workspace's processes before they take that lock, so a long command cannot delay them.
 
+pub mod cache;
 mod create;
 pub mod provider;
 pub mod record;
@@ -29,7 +30,7 @@ use crate::keys::{LayerKey, LayerKeys};
 use crate::states::StateMachine;
 use record::{Failure, HistoryEntry, RecordStore, WorkspaceRecord};
 
-pub use provider::{ExecOutput, ExecRequest, LayerMeta, Provider, WorkspaceId};
+pub use provider::{ExecOutput, ExecRequest, LayerInfo, LayerMeta, Provider, WorkspaceId};
 
 /// Timeout of a command that gives none; long enough for a full build or test suite.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
@@ -56,6 +57,10 @@ pub struct EngineOptions {
     pub state_dir: PathBuf,
     /// Limit for the setup script; `None` lets a quiet setup run as long as it needs.
     pub setup_timeout: Option<Duration>,
+    /// Size above which least recently used layers are evicted; `None` keeps every layer.
+    pub cache_max_bytes: Option<u64>,
+    /// Largest number of workspaces, live and being created.
+    pub max_workspaces: usize,
 }
 
 /// The service core.
@@ -69,6 +74,15 @@ pub struct Engine {
     setup_timeout: Option<Duration>,
     workspaces: Mutex<HashMap<WorkspaceId, Arc<Workspace>>>,
     builds: Mutex<HashMap<LayerKey, Arc<tokio::sync::Mutex<()>>>>,
+    usage: cache::Usage,
+    cache_max_bytes: Option<u64>,
+    /// Eviction holds it for writing. Steps that pick layers before a workspace's record names
+    /// them (a create's cache lookup and provision, a snapshot) hold it for reading, so eviction
+    /// never removes a layer between the two.
+    cache_guard: tokio::sync::RwLock<()>,
+    max_workspaces: usize,
+    /// Creates between their slot reservation and their end.
+    creating: std::sync::atomic::AtomicUsize,
 }
 
 /// One live workspace.
@@ -80,6 +94,41 @@ struct Workspace {
     record: Mutex<WorkspaceRecord>,
     /// Orders the operations on this workspace.
     operations: tokio::sync::Mutex<()>,
+    /// When a request last named the workspace, or a command of it ended.
+    last_active: Mutex<Instant>,
+}
+
+impl Workspace {
+    fn new(id: WorkspaceId, env: BTreeMap<String, String>, record: WorkspaceRecord) -> Workspace {
+        Workspace {
+            id,
+            env,
+            record: Mutex::new(record),
+            operations: tokio::sync::Mutex::new(()),
+            last_active: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn mark_active(&self) {
+        *self.last_active.lock().expect("activity lock") = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_active.lock().expect("activity lock").elapsed()
+    }
+}
+
+/// A place for one workspace under `--max-workspaces`, held from the start of a create until the
+/// create ends.
+struct CreateSlot<'a> {
+    creating: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl Drop for CreateSlot<'_> {
+    fn drop(&mut self) {
+        self.creating
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -98,6 +147,11 @@ impl Engine {
             mirrors: Mirrors::new(options.cache_dir.join("git")),
             records: RecordStore::open(&options.state_dir)?,
             setup_timeout: options.setup_timeout,
+            usage: cache::Usage::new(&options.cache_dir),
+            cache_max_bytes: options.cache_max_bytes,
+            cache_guard: tokio::sync::RwLock::new(()),
+            max_workspaces: options.max_workspaces,
+            creating: std::sync::atomic::AtomicUsize::new(0),
             config: options.config,
             workspaces: Mutex::new(HashMap::new()),
             builds: Mutex::new(HashMap::new()),
@@ -116,13 +170,7 @@ impl Engine {
 
     /// Lists live workspaces, oldest first.
     pub fn list(&self) -> api::ListResponse {
-        let workspaces: Vec<Arc<Workspace>> = self
-            .workspaces
-            .lock()
-            .expect("workspace map lock")
-            .values()
-            .cloned()
-            .collect();
+        let workspaces = self.live_workspaces();
         let mut summaries: Vec<api::WorkspaceSummary> = workspaces
             .iter()
             .map(|workspace| {
@@ -174,7 +222,9 @@ impl Engine {
             env,
             timeout: Some(timeout),
         };
-        let output = self.provider.exec(&workspace.id, exec).await?;
+        let output = self.provider.exec(&workspace.id, exec).await;
+        workspace.mark_active();
+        let output = output?;
         Ok(api::CommandOutput {
             output: output.output,
             exit_code: output.exit_code,
@@ -409,12 +459,7 @@ impl Engine {
         if !self.provider.adopt(id, &layers).await? {
             return Ok(Err("its environment is gone".to_owned()));
         }
-        let workspace = Arc::new(Workspace {
-            id: id.clone(),
-            env,
-            record: Mutex::new(record),
-            operations: tokio::sync::Mutex::new(()),
-        });
+        let workspace = Arc::new(Workspace::new(id.clone(), env, record));
         self.workspaces
             .lock()
             .expect("workspace map lock")
@@ -431,6 +476,53 @@ impl Engine {
         Ok(Ok(state))
     }
 
+    /// Lists the layers in the cache, most recently used first, marking those that live
+    /// workspaces use.
+    pub async fn cache_entries(&self) -> Result<Vec<cache::CacheEntry>> {
+        cache::entries(self.provider.as_ref(), &self.usage, &self.layers_in_use()).await
+    }
+
+    /// Evicts least recently used layers that no workspace uses while the cache is above
+    /// `--cache-max-bytes`, logging each one.
+    pub async fn enforce_cache_limit(&self) {
+        let Some(max_bytes) = self.cache_max_bytes else {
+            return;
+        };
+        let _guard = self.cache_guard.write().await;
+        let in_use = self.layers_in_use();
+        match cache::evict(self.provider.as_ref(), &self.usage, &in_use, max_bytes).await {
+            Ok(removed) => {
+                for entry in removed {
+                    info!(layer_key = %entry.key, kind = entry.kind.as_str(), size_bytes = entry.size_bytes, last_used = %entry.last_used, "evicted a layer from the cache");
+                }
+            }
+            Err(error) => tracing::error!(error = %error, "cannot evict layers from the cache"),
+        }
+    }
+
+    /// Returns the keys of every layer that a live workspace uses.
+    fn layers_in_use(&self) -> std::collections::BTreeSet<LayerKey> {
+        let workspaces = self.live_workspaces();
+        workspaces
+            .iter()
+            .flat_map(|workspace| self.layers_of(workspace))
+            .collect()
+    }
+
+    fn layers_of(&self, workspace: &Workspace) -> Vec<LayerKey> {
+        let record = workspace.record.lock().expect("record lock");
+        record
+            .layers
+            .iter()
+            .map(|layer| layer.key.clone())
+            .collect()
+    }
+
+    fn live_workspaces(&self) -> Vec<Arc<Workspace>> {
+        let workspaces = self.workspaces.lock().expect("workspace map lock");
+        workspaces.values().cloned().collect()
+    }
+
     fn live_ids(&self) -> Vec<WorkspaceId> {
         let workspaces = self.workspaces.lock().expect("workspace map lock");
         workspaces.keys().cloned().collect()
@@ -440,7 +532,50 @@ impl Engine {
         let not_found = || Error::WorkspaceNotFound { id: id.to_owned() };
         let id = WorkspaceId::parse(id).ok_or_else(not_found)?;
         let workspaces = self.workspaces.lock().expect("workspace map lock");
-        workspaces.get(&id).cloned().ok_or_else(not_found)
+        let workspace = workspaces.get(&id).cloned().ok_or_else(not_found)?;
+        workspace.mark_active();
+        Ok(workspace)
+    }
+
+    /// Takes a place for a new workspace, or fails when live and starting workspaces already
+    /// reach `--max-workspaces`.
+    fn reserve_slot(&self) -> Result<CreateSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        let workspaces = self.workspaces.lock().expect("workspace map lock");
+        let creating = self.creating.load(Ordering::SeqCst);
+        if workspaces.len() + creating >= self.max_workspaces {
+            return Err(Error::WorkspaceLimitReached {
+                limit: self.max_workspaces,
+            });
+        }
+        self.creating.fetch_add(1, Ordering::SeqCst);
+        Ok(CreateSlot {
+            creating: &self.creating,
+        })
+    }
+
+    /// Destroys every workspace that no request has named for `idle_timeout` and that runs no
+    /// operation, logging each one.
+    pub async fn destroy_idle(&self, idle_timeout: Duration) {
+        let idle: Vec<(WorkspaceId, Duration)> = {
+            let workspaces = self.workspaces.lock().expect("workspace map lock");
+            workspaces
+                .values()
+                .filter(|workspace| workspace.operations.try_lock().is_ok())
+                .map(|workspace| (workspace.id.clone(), workspace.idle_for()))
+                .filter(|(_, idle)| *idle >= idle_timeout)
+                .collect()
+        };
+        for (id, idle) in idle {
+            match self.destroy(id.as_str()).await {
+                Ok(()) => {
+                    info!(workspace_id = %id, idle_seconds = idle.as_secs(), "destroyed an idle workspace")
+                }
+                Err(error) => {
+                    tracing::error!(workspace_id = %id, error = %error, "cannot destroy an idle workspace")
+                }
+            }
+        }
     }
 
     /// Checks `op` against the state machine, applies the state change it declares, and writes
@@ -521,6 +656,7 @@ impl Engine {
     /// read; the remote is not contacted.
     async fn restore(&self, workspace: &Workspace) -> Result<()> {
         self.provider.reset(&workspace.id).await?;
+        self.usage.touch(self.layers_of(workspace)).await;
         let top = workspace
             .record
             .lock()

@@ -62,6 +62,14 @@ pub struct LayerMeta {
     pub created_at: String,
 }
 
+/// A complete layer in the cache and the disk space it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub meta: LayerMeta,
+    /// Bytes of the layer's own content, without its parents.
+    pub size_bytes: u64,
+}
+
 /// A command to run in a workspace.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -95,6 +103,13 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Returns the metadata of a complete layer, or `None` when the cache lacks it.
     async fn layer(&self, key: &LayerKey) -> Result<Option<LayerMeta>>;
+
+    /// Lists the complete layers in the cache.
+    async fn layers(&self) -> Result<Vec<LayerInfo>>;
+
+    /// Removes a layer from the cache; removing a missing one succeeds. The caller makes sure
+    /// that no workspace uses it and no other layer has it as parent.
+    async fn remove_layer(&self, key: &LayerKey) -> Result<()>;
 
     /// Creates the base layer if it does not exist yet.
     async fn ensure_base(&self, key: &LayerKey, config_name: &str) -> Result<()>;
@@ -156,7 +171,7 @@ pub trait Provider: Send + Sync + 'static {
     /// Takes back a workspace that an earlier derrick process left (after a restart or a crash),
     /// expecting `layers`, bottom first. The caller has killed its processes.
     ///
-    /// Returns `false` when its environment is gone or stands on other layers; the engine then
+    /// Returns `false` when its environment is gone or uses other layers; the engine then
     /// destroys it.
     async fn adopt(&self, id: &WorkspaceId, layers: &[LayerKey]) -> Result<bool>;
 

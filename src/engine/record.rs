@@ -240,6 +240,43 @@ impl RecordStore {
     }
 }
 
+/// Returns the layers that the workspaces recorded in `state_dir` stand on, without taking the
+/// folder's lock, so that it works while a derrick runs there. Unreadable records are skipped.
+pub async fn recorded_layers(state_dir: &Path) -> Result<std::collections::BTreeSet<LayerKey>> {
+    let directory = state_dir.join("workspaces");
+    let mut layers = std::collections::BTreeSet::new();
+    let mut entries = match tokio::fs::read_dir(&directory).await {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(layers),
+        Err(error) => {
+            return Err(Error::internal(
+                format!("list {}", directory.display()),
+                error,
+            ));
+        }
+    };
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|error| Error::internal(format!("list {}", directory.display()), error))?
+    {
+        if entry
+            .path()
+            .extension()
+            .is_none_or(|extension| extension != "json")
+        {
+            continue;
+        }
+        let Ok(bytes) = tokio::fs::read(entry.path()).await else {
+            continue;
+        };
+        if let Ok(record) = serde_json::from_slice::<WorkspaceRecord>(&bytes) {
+            layers.extend(record.layers.into_iter().map(|layer| layer.key));
+        }
+    }
+    Ok(layers)
+}
+
 /// Transitions kept in a record. A workspace reset many times a day would otherwise grow its
 /// record, rewritten on every transition, without bound; 256 entries cover days of a busy agent.
 pub const MAX_HISTORY_ENTRIES: usize = 256;

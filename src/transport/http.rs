@@ -160,6 +160,7 @@ pub fn status_of(error: &Error) -> StatusCode {
         Error::CommandFailed { .. } | Error::SetupFailed { .. } | Error::GitFailed { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
         }
+        Error::WorkspaceLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -396,6 +397,7 @@ mod tests {
                 },
                 422,
             ),
+            (Error::WorkspaceLimitReached { limit: 1 }, 429),
             (Error::ProviderUnavailable("x".to_owned()), 503),
             (Error::Internal("x".to_owned()), 500),
         ];

@@ -21,7 +21,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::cannot;
 use super::layout::Layout;
-use crate::engine::LayerMeta;
+use crate::engine::{LayerInfo, LayerMeta};
 use crate::error::{Error, Result};
 use crate::keys::{LayerKey, LayerKind};
 
@@ -111,6 +111,64 @@ pub(super) fn read_meta_blocking(layout: &Layout, key: &LayerKey) -> Result<Opti
     let meta = serde_json::from_slice(&bytes)
         .map_err(|error| Error::internal(format!("cannot parse {}", path.display()), error))?;
     Ok(Some(meta))
+}
+
+/// Lists the complete layers with the bytes their trees take on disk. Folders without
+/// `meta.json` are skipped: `layers/` only ever receives complete layers, through a rename.
+pub(super) fn list_blocking(layout: &Layout) -> Result<Vec<LayerInfo>> {
+    let folder = layout.layers();
+    let entries = fs::read_dir(&folder).map_err(cannot(format!("list {}", folder.display())))?;
+    let mut layers = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(cannot(format!("list {}", folder.display())))?;
+        let Some(key) = entry.file_name().to_str().and_then(LayerKey::parse) else {
+            continue;
+        };
+        let Some(meta) = read_meta_blocking(layout, &key)? else {
+            continue;
+        };
+        let tree = layout.layer_tree(&key);
+        let size_bytes =
+            disk_usage(&tree).map_err(cannot(format!("measure {}", tree.display())))?;
+        layers.push(LayerInfo { meta, size_bytes });
+    }
+    Ok(layers)
+}
+
+/// Removes a complete layer: its folder leaves `layers/` through one rename into `tmp/`, so no
+/// reader sees half a layer, and is deleted there.
+pub(super) fn remove_blocking(layout: &Layout, key: &LayerKey) -> Result<()> {
+    let staging = Staging::create_blocking(layout)?;
+    let doomed = staging.folder.join("layer");
+    match fs::rename(layout.layer(key), &doomed) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            staging.discard_blocking()?;
+            return Err(Error::internal(format!("cannot remove layer {key}"), error));
+        }
+    }
+    staging.discard_blocking()
+}
+
+/// Returns the bytes that the files and folders under `path` take on disk, without following
+/// symbolic links or crossing into other file systems.
+fn disk_usage(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = fs::symlink_metadata(path)?;
+    let mut total = root.blocks() * 512;
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in fs::read_dir(&folder)? {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            total += metadata.blocks() * 512;
+            if metadata.is_dir() && metadata.dev() == root.dev() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Checks that every layer in `layers` is complete in the cache.

@@ -67,7 +67,7 @@ pub use exec::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
 use self::layout::Layout;
 use self::processes::Tracker;
 use self::state::Workspaces;
-use crate::engine::{ExecOutput, ExecRequest, LayerMeta, Provider, WorkspaceId};
+use crate::engine::{ExecOutput, ExecRequest, LayerInfo, LayerMeta, Provider, WorkspaceId};
 use crate::error::{Error, Result};
 use crate::git::{self, Checkout, CheckoutUpdate};
 use crate::keys::LayerKey;
@@ -197,6 +197,16 @@ impl Provider for LocalProvider {
     async fn layer(&self, key: &LayerKey) -> Result<Option<LayerMeta>> {
         let key = key.clone();
         self.blocking(move |layout| layers::read_meta_blocking(layout, &key))
+            .await
+    }
+
+    async fn layers(&self) -> Result<Vec<LayerInfo>> {
+        self.blocking(layers::list_blocking).await
+    }
+
+    async fn remove_layer(&self, key: &LayerKey) -> Result<()> {
+        let key = key.clone();
+        self.blocking(move |layout| layers::remove_blocking(layout, &key))
             .await
     }
 

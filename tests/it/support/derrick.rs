@@ -516,6 +516,7 @@ pub fn status_of_code(code: &str) -> u16 {
             url: text(),
             reason: text(),
         },
+        Error::WorkspaceLimitReached { limit: 1 },
         Error::ProviderUnavailable(text()),
         Error::Internal(text()),
     ];
