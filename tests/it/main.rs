@@ -12,6 +12,7 @@ mod credentials;
 mod files;
 mod git_server;
 mod limits;
+mod load;
 mod nats;
 mod operations;
 mod provider_defects;
