@@ -314,6 +314,7 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
         .as_deref()
         .context("-w is required")?;
     let state_dir = cli.store.state_dir();
+    crate::provider::local::start_reaping_orphans();
     let limits = Limits {
         setup_timeout: cli.setup_timeout,
         max_workspaces: usize::try_from(cli.max_workspaces)?,

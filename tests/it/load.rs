@@ -1,5 +1,5 @@
-//! Load: 50 workspaces with 20 commands each, all at once over HTTP, and afterwards no leaked file
-//! descriptor, mount or process.
+//! Load and process hygiene: 50 workspaces with 20 commands each, all at once over HTTP, leave no
+//! file descriptor, mount or process behind, and orphans of commands never stay zombies.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -39,18 +39,30 @@ fn holdings(derrick: &Derrick) -> Holdings {
     }
 }
 
-/// Lists the processes below `pid`, from the parent ids in `/proc/*/stat`.
-fn descendants(pid: u32) -> BTreeSet<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+/// Lists every process as (pid, state, parent pid), from `/proc/*/stat`.
+fn process_table() -> Vec<(u32, String, u32)> {
+    std::fs::read_dir("/proc")
         .expect("proc")
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|child| {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             // The command name in parentheses may contain spaces; fields follow the last `)`.
             let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-            Some((child, fields.get(1)?.parse().ok()?))
+            Some((
+                pid,
+                fields.first()?.to_string(),
+                fields.get(1)?.parse().ok()?,
+            ))
         })
+        .collect()
+}
+
+/// Lists the processes below `pid`.
+fn descendants(pid: u32) -> BTreeSet<u32> {
+    let parents: Vec<(u32, u32)> = process_table()
+        .into_iter()
+        .map(|(child, _, parent)| (child, parent))
         .collect();
     let mut found = BTreeSet::from([pid]);
     loop {
@@ -146,4 +158,42 @@ async fn fifty_workspaces_twenty_commands_each() {
         holdings(&derrick),
         derrick.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_of_commands_are_reaped() {
+    let repository = TestRepo::new();
+    repository.write("README.md", "hello\n");
+    repository.commit("initial");
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+
+    // Each subshell starts a sleep and exits at once, so the sleeps are orphans.
+    let orphans =
+        "for n in 1 2 3 4 5; do (exec -a derrick-orphan-$n sleep 1 &); done; echo started";
+    assert_eq!(derrick.output(&id, orphans).await, "started\n");
+    let pid = derrick.pid();
+    let adopted = crate::support::derrick::processes_matching("derrick-orphan-");
+    assert_eq!(adopted.len(), 5, "{adopted:?}");
+    let parents: BTreeSet<u32> = process_table()
+        .into_iter()
+        .filter(|(child, _, _)| adopted.contains(&(*child as i32)))
+        .map(|(_, _, parent)| parent)
+        .collect();
+    assert_eq!(
+        parents,
+        BTreeSet::from([pid]),
+        "derrick is not their subreaper"
+    );
+
+    let zombies = || {
+        process_table()
+            .into_iter()
+            .filter(|(_, state, parent)| state == "Z" && *parent == pid)
+            .count()
+    };
+    let reaped = wait_until(Duration::from_secs(10), || {
+        crate::support::derrick::processes_matching("derrick-orphan-").is_empty() && zombies() == 0
+    });
+    assert!(reaped.await, "{} zombies of derrick remain", zombies());
 }

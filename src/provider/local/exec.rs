@@ -39,9 +39,9 @@ use tokio::process::{Child, Command};
 use tokio::task;
 use tokio::time::Instant;
 
-use super::cannot;
 use super::cgroup::{self, CommandCgroup};
 use super::processes::{self, ProcessGroup, Tracker, WORKSPACE_ID_VARIABLE};
+use super::{cannot, reaper};
 use crate::engine::{ExecOutput, ExecRequest, WorkspaceId};
 use crate::error::{Error, Result};
 use crate::paths::WorkspacePath;
@@ -107,7 +107,8 @@ pub(super) async fn run(
     let environment = environment(root, id, &env)?;
     let prepared = prepare(root, id, working_dir, cmd, Arc::clone(tracker)).await?;
     let started = Instant::now();
-    let (mut child, mut receiver, group) = start(&prepared, environment)?;
+    // Dropped last but one, after `child` has been waited for on every path that returns Ok.
+    let (mut child, mut receiver, group, _registration) = start(&prepared, environment)?;
     on_spawn(group);
     // bash has its own descriptor of a script file; the memory goes when bash closes that one.
     let Prepared { script, cgroup, .. } = prepared;
@@ -290,13 +291,15 @@ fn script_file(cmd: &str) -> io::Result<File> {
     Ok(file)
 }
 
-/// Starts the command with its output pipe and records its process group.
+/// Starts the command with its output pipe, records its process group, and registers it so that
+/// the orphan reaper leaves it to tokio.
 fn start(
     prepared: &Prepared,
     environment: BTreeMap<OsString, OsString>,
-) -> Result<(Child, Receiver, ProcessGroup)> {
+) -> Result<(Child, Receiver, ProcessGroup, reaper::Registration)> {
     let (sender, receiver) = pipe::pipe().map_err(cannot("create an output pipe"))?;
-    let child = spawn(prepared, environment, sender)?;
+    let (child, registration) =
+        reaper::spawn_registered(|| spawn(prepared, environment, sender), Child::id)?;
     let leader = child.id().ok_or_else(|| {
         Error::internal(
             "cannot record the command's process",
@@ -305,7 +308,7 @@ fn start(
     })?;
     // Reading /proc touches no disk, so this read does not block the runtime thread.
     let group = ProcessGroup::of_leader(leader).map_err(cannot("record the command's process"))?;
-    Ok((child, receiver, group))
+    Ok((child, receiver, group, registration))
 }
 
 fn spawn(

@@ -47,6 +47,7 @@ mod layout;
 mod mounts;
 mod overlay;
 mod processes;
+mod reaper;
 mod state;
 mod workspace;
 
@@ -63,6 +64,7 @@ use tokio::task;
 use tracing::warn;
 
 pub use exec::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
+pub use reaper::start_reaping_orphans;
 
 use self::layout::Layout;
 use self::processes::Tracker;
