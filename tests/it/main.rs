@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod contract;
 mod credentials;
+mod faults;
 mod files;
 mod git_server;
 mod limits;
