@@ -14,9 +14,12 @@ use tracing::info;
 
 use crate::config;
 use crate::engine::{Engine, EngineOptions};
+use crate::nats_client::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
+use crate::provider::remote_nats::RemoteNats;
+use crate::service::Service;
 use crate::transport;
-use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
+use crate::transport::nats::WorkerIdentity;
 
 /// Largest `--setup-timeout`: one week, far beyond any real setup, and small enough that adding it
 /// to a clock reading cannot overflow.
@@ -34,18 +37,25 @@ pub const AUTH_TOKEN_VARIABLE: &str = "DERRICK_AUTH_TOKEN";
 /// Environment variable that may hold the NATS password instead of `--nats-password`.
 pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
 
-/// Help heading of the flags that only `-s nats` reads.
-const NATS_HEADING: &str = "NATS server mode (-s nats)";
+/// Help heading of the NATS flags.
+const NATS_HEADING: &str = "NATS (-s nats, -p remote_nats and derrick worker)";
 
-/// Command-line flags.
+/// Command-line flags. Without a subcommand derrick serves controllers; `derrick worker` serves
+/// a `remote_nats` controller.
 #[derive(Debug, Parser)]
 #[command(
     name = "derrick",
     version,
-    about = "Provision isolated, snapshot-backed workspaces for AI coding agents"
+    about = "Provision isolated, snapshot-backed workspaces for AI coding agents",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// The provisioning mode, which decides where workspaces are created.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The provisioning mode, which decides where workspaces are created: on this machine, or on
+    /// `derrick worker` processes reached over NATS (`remote_nats`).
     #[arg(
         short = 'p',
         long = "provisioning-mode",
@@ -59,13 +69,63 @@ pub struct Cli {
     pub server_mode: ServerMode,
 
     /// Workspace configuration file (JSON).
-    #[arg(short = 'w', long = "workspace-config-path")]
-    pub workspace_config_path: PathBuf,
+    #[arg(short = 'w', long = "workspace-config-path", required = true)]
+    pub workspace_config_path: Option<PathBuf>,
 
     /// Address of the HTTP server; only loopback addresses are accepted.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
+    /// Bearer token that HTTP clients must send (`Authorization: Bearer <token>`) on every
+    /// endpoint but `/health`; required to listen on a non-loopback address.
+    #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    #[command(flatten)]
+    pub engine: EngineFlags,
+
+    #[command(flatten)]
+    pub nats: NatsFlags,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve provisioning over NATS for a controller started with `-p remote_nats`.
+    Worker(WorkerArgs),
+}
+
+/// Flags of `derrick worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The provider that runs this worker's workspaces: `local` or `docker`.
+    #[arg(
+        short = 'p',
+        long = "provisioning-mode",
+        value_enum,
+        default_value = "local"
+    )]
+    pub provisioning_mode: ProvisioningMode,
+
+    /// Workspace configuration file (JSON); every worker of a controller serves the same one.
+    #[arg(short = 'w', long = "workspace-config-path")]
+    pub workspace_config_path: PathBuf,
+
+    /// Id of this worker in subjects and logs: letters, digits, `-` and `_`, unique among the
+    /// workers of one subject prefix [default: `worker-` and 12 random hexadecimal digits].
+    #[arg(long)]
+    pub worker_id: Option<String>,
+
+    #[command(flatten)]
+    pub engine: EngineFlags,
+
+    #[command(flatten)]
+    pub nats: NatsFlags,
+}
+
+/// Flags of the engine that runs workspaces on this machine.
+#[derive(Debug, clap::Args)]
+pub struct EngineFlags {
     /// Folder for layers, Git mirrors and workspace scratch data [default: <user cache dir>/derrick].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -79,17 +139,9 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto")]
     pub layers: LayersFlag,
 
-    /// Bearer token that HTTP clients must send (`Authorization: Bearer <token>`) on every
-    /// endpoint but `/health`; required to listen on a non-loopback address.
-    #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
-    pub auth_token: Option<String>,
-
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
     pub setup_timeout: Option<u64>,
-
-    #[command(flatten)]
-    pub nats: NatsFlags,
 }
 
 /// Flags of the NATS transport. Secrets are `Secret`s, so printing the flags never shows them.
@@ -97,12 +149,12 @@ pub struct Cli {
 #[command(next_help_heading = NATS_HEADING)]
 pub struct NatsFlags {
     /// NATS server URL; several servers are separated by commas.
-    #[arg(long = "nats-url", default_value = transport::nats::DEFAULT_URL)]
+    #[arg(long = "nats-url", default_value = crate::nats_client::DEFAULT_URL)]
     pub url: String,
 
     /// First token(s) of every subject: requests go to `<prefix>.health`,
     /// `<prefix>.workspaces.create`, and so on.
-    #[arg(long = "nats-subject-prefix", default_value = transport::nats::DEFAULT_SUBJECT_PREFIX)]
+    #[arg(long = "nats-subject-prefix", default_value = crate::nats_client::DEFAULT_SUBJECT_PREFIX)]
     pub subject_prefix: String,
 
     /// Token for a server started with `--auth` (or `authorization { token }`).
@@ -181,10 +233,15 @@ pub enum LayersFlag {
 /// # Errors
 /// Fails on an invalid configuration, a mode that this build lacks, or a server that cannot start.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.provisioning_mode != ProvisioningMode::Local {
+    if let Some(Command::Worker(worker)) = cli.command {
+        return run_worker(worker).await;
+    }
+    let Some(config_path) = cli.workspace_config_path.clone() else {
+        bail!("missing -w/--workspace-config-path; give the workspace configuration file");
+    };
+    if cli.provisioning_mode == ProvisioningMode::Docker {
         bail!(
-            "provisioning mode `{}` is not available in this build; use `-p local`",
-            mode_name(cli.provisioning_mode)
+            "provisioning mode `docker` is not available in this build; use `-p local` or `-p remote_nats`"
         );
     }
     if cli
@@ -206,16 +263,67 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
 
-    if cli.server_mode == ServerMode::Nats {
+    let remote = cli.provisioning_mode == ProvisioningMode::RemoteNats;
+    if cli.server_mode == ServerMode::Nats || remote {
         cli.nats.to_options().validate()?;
     }
+    let config = config::load(&config_path)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    if remote {
+        // The workers own the workspaces, so a stopping controller leaves them as they are.
+        let remote = RemoteNats::connect(&cli.nats.to_options(), &config.name).await?;
+        serve(&cli, Arc::new(remote), shutdown).await?;
+        info!("stopped");
+        return Ok(());
+    }
 
-    let engine = Arc::new(build_engine(&cli)?);
+    let engine = Arc::new(build_engine(config, &cli.engine)?);
     engine.remove_leftovers().await?;
+    tokio::spawn(interrupt_on_shutdown(engine.clone(), shutdown.clone()));
+    let served = serve(&cli, engine.clone(), shutdown).await;
+    engine.shutdown().await;
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs `derrick worker` until SIGTERM or Ctrl-C, then destroys the worker's workspaces.
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    match args.provisioning_mode {
+        ProvisioningMode::Local => {}
+        ProvisioningMode::Docker => {
+            bail!("provisioning mode `docker` is not available in this build; use `-p local`")
+        }
+        ProvisioningMode::RemoteNats => bail!(
+            "a worker runs workspaces itself, so `-p remote_nats` is for controllers; give the worker `-p local` or `-p docker`"
+        ),
+    }
+    let options = args.nats.to_options();
+    options.validate()?;
+    let id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(WorkerIdentity::generate_id);
+    if !crate::api::worker::is_valid_id(&id) {
+        bail!(
+            "invalid --worker-id `{id}`; use letters, digits, `-` and `_` (not `create`, `list` or `heartbeat`)"
+        );
+    }
+    let config = config::load(&args.workspace_config_path)?;
+    let config_name = config.name.clone();
+    let engine = Arc::new(build_engine(config, &args.engine)?);
+    let identity = WorkerIdentity {
+        id,
+        config: config_name,
+        provider: engine.provider_kind().to_owned(),
+    };
+    engine.remove_leftovers().await?;
+
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     tokio::spawn(interrupt_on_shutdown(engine.clone(), shutdown.clone()));
-    let served = serve(&cli, engine.clone(), shutdown).await;
+    let served = transport::nats::serve_worker(engine.clone(), options, identity, shutdown).await;
     engine.shutdown().await;
     served?;
     info!("stopped");
@@ -254,12 +362,11 @@ impl NatsFlags {
     }
 }
 
-/// Loads the configuration and builds the local provider and the engine over it.
-fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
-    let config = config::load(&cli.workspace_config_path)?;
-    let cache_dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    let layer_mode = match cli.layers {
+/// Builds the local provider and the engine over it.
+fn build_engine(config: config::WorkspaceConfig, flags: &EngineFlags) -> anyhow::Result<Engine> {
+    let cache_dir = flags.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let state_dir = flags.state_dir.clone().unwrap_or_else(default_state_dir);
+    let layer_mode = match flags.layers {
         LayersFlag::Auto => LayerMode::Auto,
         LayersFlag::Overlay => LayerMode::Overlay,
         LayersFlag::Copy => LayerMode::Copy,
@@ -275,17 +382,21 @@ fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
         config,
         cache_dir,
         state_dir,
-        setup_timeout: cli.setup_timeout.map(Duration::from_secs),
+        setup_timeout: flags.setup_timeout.map(Duration::from_secs),
     };
     Ok(Engine::new(options, Arc::new(provider))?)
 }
 
-/// Serves the engine over the chosen transport until `shutdown`.
-async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves `service` over the chosen transport until `shutdown`.
+async fn serve(
+    cli: &Cli,
+    service: Arc<dyn Service>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match cli.server_mode {
         ServerMode::Http => transport::http::serve(
             transport::http::AppState {
-                engine,
+                service,
                 auth_token: cli.auth_token.as_deref().map(Arc::from),
             },
             cli.listen,
@@ -295,16 +406,8 @@ async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> a
         .with_context(|| format!("cannot serve HTTP on {}", cli.listen)),
         // The error names the URL (without user info) and what to check.
         ServerMode::Nats => {
-            Ok(transport::nats::serve(engine, cli.nats.to_options(), shutdown).await?)
+            Ok(transport::nats::serve(service, cli.nats.to_options(), shutdown).await?)
         }
-    }
-}
-
-fn mode_name(mode: ProvisioningMode) -> &'static str {
-    match mode {
-        ProvisioningMode::Local => "local",
-        ProvisioningMode::Docker => "docker",
-        ProvisioningMode::RemoteNats => "remote_nats",
     }
 }
 

@@ -13,6 +13,7 @@ mod files;
 mod git_server;
 mod nats;
 mod provider_defects;
+mod remote;
 mod reset;
 mod robustness;
 mod workspaces;
