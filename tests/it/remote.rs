@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::derrick::{Derrick, Reply, config, processes_matching, wait_until};
+use crate::support::nats::NatsServer;
 use crate::support::remote::{Cluster, Worker};
 use crate::support::repos::TestRepo;
 
@@ -323,6 +324,27 @@ async fn stopped_worker_is_unavailable_at_once() {
     let create = controller.request("POST", "/workspaces", None).await;
     let message = check_error(&create, 503, "provider_unavailable", "create");
     assert!(message.contains("derrick worker"), "{message}");
+}
+
+/// A controller that serves `-s nats` on the workers' subject prefix leaves the worker subjects
+/// to the workers, and forwards its own requests to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_controller_shares_the_prefix() {
+    let (_repository, config) = sample_config();
+    let server = NatsServer::start();
+    let worker = Worker::start(&server, &config, "worker-1");
+    let controller = Derrick::start_nats(server, &config, &["-p", "remote_nats"], &[]);
+    let controller = controller.attach(Box::new(worker), None);
+
+    let id = controller.create_id().await;
+    assert_eq!(controller.output(&id, "cat setup.txt").await, "set\n");
+    let listed = controller.get("/workspaces").await;
+    assert_eq!(listed.body["workspaces"][0]["id"], id.as_str());
+    assert!(
+        !controller.log().contains("derrick.worker.create"),
+        "the controller handled worker traffic; log:\n{}",
+        controller.log()
+    );
 }
 
 /// `sleep 75; echo ok` with a 120-second timeout replies `ok` through a worker: neither the

@@ -48,13 +48,15 @@ pub enum Transport {
 /// A running derrick and its folders; SIGTERM and wait on drop.
 pub struct Derrick {
     child: Child,
+    /// What a `remote_nats` controller depends on (its workers, and their NATS server unless
+    /// `link` has it), stopped after the controller and before `link`'s NATS server.
+    backend: Option<Box<dyn std::any::Any + Send + Sync>>,
     link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
-    /// The cache folder of the worker that holds the workspaces, for a `remote_nats` controller.
+    /// The cache folder of the worker that contains the workspaces, for a `remote_nats`
+    /// controller.
     worker_cache: Option<PathBuf>,
-    /// What a `remote_nats` controller depends on (its NATS server and workers), stopped after it.
-    backend: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// The transport side of a running derrick.
