@@ -317,6 +317,8 @@ impl Service for RemoteNats {
         let subject = worker::create_subject(&self.prefix);
         let payload = serde_json::to_vec(&request)
             .map_err(|error| Error::internal("cannot encode the create request", error))?;
+        // NOTE: the NATS server picks a random member of the queue group, not the least busy
+        // worker, so creates spread evenly in number but not by load.
         let mut replies = self.publish_request(&subject, payload).await?;
         let no_worker = || {
             Error::ProviderUnavailable(format!(
