@@ -1,9 +1,12 @@
 //! Measures derrick end to end through its HTTP API, against real `derrick` processes and real Git
 //! repositories: cold versus warm create, reset of a 5,000-file versus a 50,000-file repository,
-//! and the overhead of `cmd_with_output` over HTTP and over NATS against a raw `bash -c true`.
+//! the overhead of `cmd_with_output` over HTTP, over NATS and through a `remote_nats` controller
+//! and worker against a raw `bash -c true`, and the throughput of creates through a controller
+//! with one and with two workers.
 //!
 //! Run with `cargo bench --bench workspaces` as root; it prints a Markdown table for
-//! `docs/benchmarks.md`. `DERRICK_BENCH_LAYERS=copy` measures the copy fallback instead.
+//! `docs/benchmarks.md`. `DERRICK_BENCH_LAYERS=copy` measures the copy fallback instead, and
+//! `DERRICK_BENCH_ONLY=commands` measures only the command overhead and the create throughput.
 
 #[path = "../tests/it/support/derrick.rs"]
 #[expect(dead_code, reason = "the benchmark uses only part of the test harness")]
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use harness::nats::NatsServer;
+use harness::remote::Cluster;
 use harness::{Derrick, config};
 use repos::TestRepo;
 
@@ -26,20 +30,31 @@ const SAMPLES: usize = 20;
 /// Cold creates are slow by design (a one-second setup), so fewer samples.
 const COLD_SAMPLES: usize = 5;
 
+/// Creates per throughput measurement, and how many run at once: enough concurrency that a
+/// second worker could take work off the first.
+const THROUGHPUT_CREATES: usize = 80;
+const THROUGHPUT_CONCURRENCY: usize = 8;
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let layers = std::env::var("DERRICK_BENCH_LAYERS").unwrap_or_else(|_| "overlay".to_owned());
+    let only_commands = std::env::var("DERRICK_BENCH_ONLY").is_ok_and(|only| only == "commands");
     runtime.block_on(async {
         println!("| measurement | samples | p50 | p95 |");
         println!("| --- | --- | --- | --- |");
-        create_cold_and_warm(&layers).await;
-        for files in [5_000, 50_000] {
-            reset(&layers, files).await;
+        if !only_commands {
+            create_cold_and_warm(&layers).await;
+            for files in [5_000, 50_000] {
+                reset(&layers, files).await;
+            }
         }
         command_overhead(&layers).await;
+        for workers in [1, 2] {
+            create_throughput(&layers, workers).await;
+        }
     });
 }
 
@@ -143,6 +158,67 @@ async fn command_overhead(layers: &str) {
     }
     report(
         &format!("`cmd_with_output` of `true` over NATS ({layers})"),
+        &mut samples,
+    );
+
+    // Workers take the layer mode from their defaults (overlay as root), so this row is only
+    // comparable with the overlay rows.
+    let cluster = Cluster::start(&configuration, 1);
+    let controller = cluster.controller(&configuration);
+    let id = controller.create_id().await;
+    let mut samples = Vec::new();
+    for _ in 0..SAMPLES * 10 {
+        let started = Instant::now();
+        controller.run(&id, "true").await;
+        samples.push(started.elapsed());
+    }
+    report(
+        "`cmd_with_output` of `true`, HTTP controller, NATS, worker",
+        &mut samples,
+    );
+}
+
+/// Runs `THROUGHPUT_CREATES` warm creates, `THROUGHPUT_CONCURRENCY` at a time, through an HTTP
+/// controller with `workers` workers, and prints the rate and the latency of each create.
+async fn create_throughput(layers: &str, workers: usize) {
+    let repository = TestRepo::with_files(100);
+    let configuration = config(repository.path().display(), "sleep 1");
+    let cluster = Cluster::start(&configuration, workers);
+    let controller = std::sync::Arc::new(cluster.controller(&configuration));
+    // Warm every worker's cache: creates go to random workers, so repeat until each has one.
+    let mut warmed = std::collections::HashSet::new();
+    while warmed.len() < workers {
+        let id = controller.create_id().await;
+        let owner = cluster
+            .workers
+            .iter()
+            .find(|worker| worker.workspace_root(&id).exists())
+            .expect("one worker contains the workspace");
+        warmed.insert(owner.id().to_owned());
+    }
+
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(THROUGHPUT_CONCURRENCY));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..THROUGHPUT_CREATES {
+        let controller = controller.clone();
+        let permit = semaphore.clone().acquire_owned();
+        tasks.spawn(async move {
+            let _permit = permit.await.expect("semaphore open");
+            let created_at = Instant::now();
+            let created = controller.create().await;
+            assert_eq!(created["cache"]["hit"], "setup");
+            created_at.elapsed()
+        });
+    }
+    let mut samples = tasks.join_all().await;
+    let elapsed = started.elapsed();
+    report(
+        &format!(
+            "create through a controller, {workers} worker(s), {THROUGHPUT_CONCURRENCY} at a time, \
+             {:.0} creates/s ({layers})",
+            THROUGHPUT_CREATES as f64 / elapsed.as_secs_f64()
+        ),
         &mut samples,
     );
 }

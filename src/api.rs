@@ -1,4 +1,6 @@
-//! Wire types of the HTTP and NATS contract: request bodies, success bodies and the error body.
+//! Wire types of the HTTP and NATS contract: request bodies, success bodies, the error body and
+//! the NATS operations, plus the subjects and messages between a `remote_nats` controller and
+//! its workers (`worker`).
 //!
 //! Invariant: these serde derives are the contract that existing clients rely on. Fields may be
 //! added; none may be renamed or removed.
@@ -207,5 +209,290 @@ impl ErrorBody {
             _ => {}
         }
         ErrorBody { error: detail }
+    }
+
+    /// Rebuilds the error that a worker sent, so that the controller replies with the same code,
+    /// message and fields. An unknown code, or `internal`, becomes `internal`.
+    pub fn into_error(self) -> Error {
+        let ErrorDetail {
+            code,
+            message,
+            exit_code,
+            output,
+            truncated,
+            workspace_id,
+        } = self.error;
+        match (code.as_str(), exit_code, workspace_id) {
+            ("command_failed", Some(exit_code), _) => Error::CommandFailed {
+                exit_code,
+                output: output.unwrap_or_default(),
+                truncated: truncated.unwrap_or(false),
+            },
+            ("setup_failed", Some(exit_code), Some(id)) => Error::SetupFailed {
+                id,
+                exit_code,
+                output: output.unwrap_or_default(),
+            },
+            _ => match Error::known_code(&code) {
+                Some(known) if known != "internal" => Error::Forwarded {
+                    code: known,
+                    message,
+                },
+                _ => Error::Internal(format!("a worker failed with `{code}`: {message}")),
+            },
+        }
+    }
+}
+
+/// The traffic between a controller started with `-p remote_nats` and `derrick worker`
+/// processes, all on subjects under `<prefix>.worker.`, which the NATS transport never answers.
+///
+/// - `<prefix>.worker.create`: a create, taken by one worker of the queue group `QUEUE_GROUP`.
+///   That worker first sends `Accepted`, then the reply, both carrying its id in `WORKER_HEADER`.
+/// - `<prefix>.worker.list`: every worker replies with its own workspaces.
+/// - `<prefix>.worker.<worker id>.<operation>`: an operation on a workspace that this worker
+///   owns; `<operation>` is the operation's subject suffix (`workspaces.cmd`).
+/// - `<prefix>.worker.heartbeat`: each worker publishes a `Heartbeat` every second.
+///
+/// Requests and replies are those of the NATS transport: the HTTP body plus `id`, and
+/// `{"ok": ...}` or the error envelope.
+pub mod worker {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::Operation;
+
+    /// How often a worker publishes its heartbeat. One second lets a controller notice a stopped
+    /// worker within a few seconds, for one small message per worker and second.
+    pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Queue group of the create subject, so that each create reaches exactly one worker.
+    pub const QUEUE_GROUP: &str = "derrick-workers";
+
+    /// Header that names the worker on every reply it sends.
+    pub const WORKER_HEADER: &str = "Derrick-Worker";
+
+    /// A worker's periodic sign of life, and its last message when it stops.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Heartbeat {
+        /// The worker id, a single subject token.
+        pub worker: String,
+        /// Name of the workspace configuration that the worker serves.
+        pub config: String,
+        /// Provider kind of the worker, such as `local/overlay`.
+        pub provider: String,
+        /// `true` in the message a worker sends as it stops taking requests.
+        #[serde(default)]
+        pub stopping: bool,
+    }
+
+    /// The first message a worker sends on a create it took: `{"accepted": true}`.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Accepted {
+        pub accepted: bool,
+    }
+
+    /// Returns the prefix of every worker subject: `<prefix>.worker.`.
+    pub fn namespace(prefix: &str) -> String {
+        format!("{prefix}.worker.")
+    }
+
+    /// Returns `<prefix>.worker.create`.
+    pub fn create_subject(prefix: &str) -> String {
+        format!("{prefix}.worker.create")
+    }
+
+    /// Returns `<prefix>.worker.list`.
+    pub fn list_subject(prefix: &str) -> String {
+        format!("{prefix}.worker.list")
+    }
+
+    /// Returns `<prefix>.worker.heartbeat`.
+    pub fn heartbeat_subject(prefix: &str) -> String {
+        format!("{prefix}.worker.heartbeat")
+    }
+
+    /// Returns `<prefix>.worker.<worker>.<operation>`.
+    pub fn operation_subject(prefix: &str, worker: &str, operation: Operation) -> String {
+        format!("{prefix}.worker.{worker}.{}", operation.name())
+    }
+
+    /// Returns the subject that every operation of one worker falls under.
+    pub fn owned_subjects(prefix: &str, worker: &str) -> String {
+        format!("{prefix}.worker.{worker}.>")
+    }
+
+    /// Checks that a worker id is one subject token that cannot clash with the fixed subjects.
+    pub fn is_valid_id(worker: &str) -> bool {
+        let reserved = ["create", "list", "heartbeat"].contains(&worker);
+        let token = !worker.is_empty()
+            && worker
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        token && !reserved
+    }
+}
+
+/// The operations of the wire contract, named by their NATS subject suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Health,
+    States,
+    Create,
+    List,
+    Get,
+    Destroy,
+    Command,
+    CommandWithOutput,
+    WriteFile,
+    ReadFile,
+    Reset,
+    Fetch,
+}
+
+impl Operation {
+    /// Every operation, in the order of the wire contract.
+    pub const ALL: [Operation; 12] = [
+        Operation::Health,
+        Operation::States,
+        Operation::Create,
+        Operation::List,
+        Operation::Get,
+        Operation::Destroy,
+        Operation::Command,
+        Operation::CommandWithOutput,
+        Operation::WriteFile,
+        Operation::ReadFile,
+        Operation::Reset,
+        Operation::Fetch,
+    ];
+
+    /// Returns the subject suffix of the operation (`workspaces.cmd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Health => "health",
+            Operation::States => "states",
+            Operation::Create => "workspaces.create",
+            Operation::List => "workspaces.list",
+            Operation::Get => "workspaces.get",
+            Operation::Destroy => "workspaces.destroy",
+            Operation::Command => "workspaces.cmd",
+            Operation::CommandWithOutput => "workspaces.cmd_with_output",
+            Operation::WriteFile => "workspaces.write_file",
+            Operation::ReadFile => "workspaces.read_file",
+            Operation::Reset => "workspaces.reset",
+            Operation::Fetch => "workspaces.fetch",
+        }
+    }
+
+    /// Finds the operation of a subject suffix.
+    pub fn from_name(name: &str) -> Option<Operation> {
+        Operation::ALL
+            .into_iter()
+            .find(|operation| operation.name() == name)
+    }
+}
+
+/// The success body of `read_file` over NATS: the file's bytes in standard base64.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadFileReply {
+    pub content: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_has_its_subject() {
+        let names: Vec<&str> = Operation::ALL.iter().map(|op| op.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "health",
+                "states",
+                "workspaces.create",
+                "workspaces.list",
+                "workspaces.get",
+                "workspaces.destroy",
+                "workspaces.cmd",
+                "workspaces.cmd_with_output",
+                "workspaces.write_file",
+                "workspaces.read_file",
+                "workspaces.reset",
+                "workspaces.fetch",
+            ]
+        );
+        for operation in Operation::ALL {
+            assert_eq!(Operation::from_name(operation.name()), Some(operation));
+        }
+        assert_eq!(Operation::from_name("workspaces"), None);
+    }
+
+    #[test]
+    fn worker_subjects_are_under_the_namespace() {
+        let subjects = [
+            worker::create_subject("d"),
+            worker::list_subject("d"),
+            worker::heartbeat_subject("d"),
+            worker::operation_subject("d", "w-1", Operation::Command),
+        ];
+        assert_eq!(
+            subjects,
+            [
+                "d.worker.create",
+                "d.worker.list",
+                "d.worker.heartbeat",
+                "d.worker.w-1.workspaces.cmd",
+            ]
+        );
+        for subject in subjects {
+            assert!(subject.starts_with(&worker::namespace("d")), "{subject}");
+        }
+        for invalid in ["", "create", "a.b", "a b", "*", ">"] {
+            assert!(!worker::is_valid_id(invalid), "{invalid}");
+        }
+        assert!(worker::is_valid_id("worker-3f9a_1"));
+    }
+
+    #[test]
+    fn forwarded_errors_keep_code_and_fields() {
+        let cases = [
+            Error::FileNotFound {
+                id: "ws-1".to_owned(),
+                path: "/a".to_owned(),
+            },
+            Error::CommandFailed {
+                exit_code: 3,
+                output: "out\n".to_owned(),
+                truncated: false,
+            },
+            Error::SetupFailed {
+                id: "ws-1".to_owned(),
+                exit_code: 5,
+                output: "before\n".to_owned(),
+            },
+            Error::ProviderUnavailable("docker".to_owned()),
+        ];
+        for error in cases {
+            let sent = serde_json::to_value(ErrorBody::from_error(&error)).expect("json");
+            let received: ErrorBody = serde_json::from_value(sent.clone()).expect("body");
+            let rebuilt = received.into_error();
+            assert_eq!(rebuilt.code(), error.code());
+            let resent = serde_json::to_value(ErrorBody::from_error(&rebuilt)).expect("json");
+            assert_eq!(resent, sent);
+        }
+        let unknown = ErrorBody {
+            error: ErrorDetail {
+                code: "novel_code".to_owned(),
+                message: "m".to_owned(),
+                exit_code: None,
+                output: None,
+                truncated: None,
+                workspace_id: None,
+            },
+        };
+        assert_eq!(unknown.into_error().code(), "internal");
     }
 }

@@ -16,9 +16,12 @@ use crate::config;
 use crate::engine::cache::{self, Usage};
 use crate::engine::record::RecordStore;
 use crate::engine::{Engine, EngineOptions, Provider};
+use crate::nats_client::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
+use crate::provider::remote_nats::RemoteNats;
+use crate::service::Service;
 use crate::transport;
-use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
+use crate::transport::nats::WorkerIdentity;
 
 /// Largest `--setup-timeout`: one week, far beyond any real setup, and small enough that adding it
 /// to a clock reading cannot overflow.
@@ -49,19 +52,21 @@ pub const AUTH_TOKEN_VARIABLE: &str = "DERRICK_AUTH_TOKEN";
 /// Environment variable that may hold the NATS password instead of `--nats-password`.
 pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
 
-/// Help heading of the flags that only `-s nats` reads.
-const NATS_HEADING: &str = "NATS server mode (-s nats)";
+/// Help heading of the NATS flags.
+const NATS_HEADING: &str = "NATS (-s nats, -p remote_nats and derrick worker)";
 
-/// Command-line flags.
+/// Command-line flags. Without a subcommand derrick serves controllers; `derrick worker` serves
+/// a `remote_nats` controller.
 #[derive(Debug, Parser)]
 #[command(
     name = "derrick",
     version,
-    about = "Provision isolated, snapshot-backed workspaces for AI coding agents"
+    about = "Provision isolated, snapshot-backed workspaces for AI coding agents",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
-#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct Cli {
-    /// An operator command instead of serving.
+    /// An operator command, or a worker, instead of serving controllers.
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -76,9 +81,8 @@ pub struct Cli {
     #[command(flatten)]
     pub store: StoreFlags,
 
-    /// Seconds after which a setup script is killed and the create fails [default: no limit].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
-    pub setup_timeout: Option<u64>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 
     /// Address of the HTTP server; a non-loopback address needs --auth-token.
     #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -89,28 +93,16 @@ pub struct Cli {
     #[arg(long, env = AUTH_TOKEN_VARIABLE, hide_env_values = true)]
     pub auth_token: Option<String>,
 
-    /// Largest number of workspaces; a create beyond it gets `429 workspace_limit_reached`.
-    #[arg(long, default_value_t = DEFAULT_MAX_WORKSPACES, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub max_workspaces: u64,
-
-    /// Seconds after which a workspace that no request has named is destroyed [default: never].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_IDLE_TIMEOUT_SECONDS))]
-    pub idle_timeout: Option<u64>,
-
-    /// Seconds that a shutdown (SIGTERM, Ctrl-C) lets running requests finish before it kills
-    /// their commands.
-    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE_SECONDS, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECONDS))]
-    pub shutdown_grace: u64,
-
     #[command(flatten)]
     pub nats: NatsFlags,
 }
 
-/// Where workspaces and layers live: the provider and its folders. Shared by serving, `warm` and
-/// `cache`.
+/// Where workspaces and layers live: the provider and its folders. Shared by serving, `worker`,
+/// `warm` and `cache`.
 #[derive(Debug, clap::Args)]
 pub struct StoreFlags {
-    /// The provisioning mode, which decides where workspaces are created.
+    /// The provisioning mode, which decides where workspaces are created: on this machine, or on
+    /// `derrick worker` processes reached over NATS (`remote_nats`, for serving only).
     #[arg(
         short = 'p',
         long = "provisioning-mode",
@@ -138,14 +130,59 @@ pub struct StoreFlags {
     pub cache_max_bytes: Option<u64>,
 }
 
-/// Operator commands.
+/// Settings of an engine that serves workspaces: derrick serving locally, or a worker.
+#[derive(Debug, clap::Args)]
+pub struct EngineFlags {
+    /// Seconds after which a setup script is killed and the create fails [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
+    pub setup_timeout: Option<u64>,
+
+    /// Largest number of workspaces; a create beyond it gets `429 workspace_limit_reached`.
+    #[arg(long, default_value_t = DEFAULT_MAX_WORKSPACES, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_workspaces: u64,
+
+    /// Seconds after which a workspace that no request has named is destroyed [default: never].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_IDLE_TIMEOUT_SECONDS))]
+    pub idle_timeout: Option<u64>,
+
+    /// Seconds that a shutdown (SIGTERM, Ctrl-C) lets running requests finish before it kills
+    /// their commands.
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE_SECONDS, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECONDS))]
+    pub shutdown_grace: u64,
+}
+
+/// Subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Serve provisioning over NATS for a controller started with `-p remote_nats`.
+    Worker(Box<WorkerArgs>),
     /// Build the clean snapshot of a configuration and exit, for cache-warming jobs.
     Warm(WarmArgs),
     /// Inspect or prune the layer cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+/// Flags of `derrick worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Workspace configuration file (JSON); every worker of a controller serves the same one.
+    #[arg(short = 'w', long = "workspace-config-path")]
+    pub workspace_config_path: PathBuf,
+
+    /// Id of this worker in subjects and logs: letters, digits, `-` and `_`, unique among the
+    /// workers of one subject prefix [default: `worker-` and 12 random hexadecimal digits].
+    #[arg(long)]
+    pub worker_id: Option<String>,
+
+    #[command(flatten)]
+    pub store: StoreFlags,
+
+    #[command(flatten)]
+    pub engine: EngineFlags,
+
+    #[command(flatten)]
+    pub nats: NatsFlags,
 }
 
 /// Flags of `derrick warm`.
@@ -190,12 +227,12 @@ pub enum CacheCommand {
 #[command(next_help_heading = NATS_HEADING)]
 pub struct NatsFlags {
     /// NATS server URL; several servers are separated by commas.
-    #[arg(long = "nats-url", default_value = transport::nats::DEFAULT_URL)]
+    #[arg(long = "nats-url", default_value = crate::nats_client::DEFAULT_URL)]
     pub url: String,
 
     /// First token(s) of every subject: requests go to `<prefix>.health`,
     /// `<prefix>.workspaces.create`, and so on.
-    #[arg(long = "nats-subject-prefix", default_value = transport::nats::DEFAULT_SUBJECT_PREFIX)]
+    #[arg(long = "nats-subject-prefix", default_value = crate::nats_client::DEFAULT_SUBJECT_PREFIX)]
     pub subject_prefix: String,
 
     /// Token for a server started with `--auth` (or `authorization { token }`).
@@ -276,6 +313,7 @@ pub enum LayersFlag {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         None => serve_command(&cli).await,
+        Some(Command::Worker(args)) => run_worker(args).await,
         Some(Command::Warm(args)) => warm(args).await,
         Some(Command::Cache(CacheCommand::List { store, json })) => cache_list(store, *json).await,
         Some(Command::Cache(CacheCommand::Prune { store, max_bytes })) => {
@@ -284,8 +322,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Serves the configuration until SIGTERM or Ctrl-C.
+/// Serves controllers until SIGTERM or Ctrl-C.
 async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
+    let Some(config_path) = cli.workspace_config_path.as_deref() else {
+        bail!("missing -w/--workspace-config-path; give the workspace configuration file");
+    };
+    if cli.store.provisioning_mode == ProvisioningMode::Docker {
+        bail!(
+            "provisioning mode `docker` is not available in this build; use `-p local` or `-p remote_nats`"
+        );
+    }
     if cli
         .auth_token
         .as_deref()
@@ -305,26 +351,86 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
         );
     }
 
-    if cli.server_mode == ServerMode::Nats {
+    let remote = cli.store.provisioning_mode == ProvisioningMode::RemoteNats;
+    if cli.server_mode == ServerMode::Nats || remote {
         cli.nats.to_options().validate()?;
     }
-
-    let config_path = cli
-        .workspace_config_path
-        .as_deref()
-        .context("-w is required")?;
-    let state_dir = cli.store.state_dir();
-    crate::provider::local::start_reaping_orphans();
-    let limits = Limits {
-        setup_timeout: cli.setup_timeout,
-        max_workspaces: usize::try_from(cli.max_workspaces)?,
-    };
-    let engine = Arc::new(build_engine(&cli.store, config_path, &state_dir, limits)?);
-    engine.recover().await?;
-    engine.enforce_cache_limit().await;
+    let config = config::load(config_path)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    if let Some(seconds) = cli.idle_timeout {
+    if remote {
+        // The workers own the workspaces, so a stopping controller leaves them as they are.
+        let remote = RemoteNats::connect(&cli.nats.to_options(), &config.name).await?;
+        serve(cli, Arc::new(remote), shutdown).await?;
+        info!("stopped");
+        return Ok(());
+    }
+
+    let engine = start_engine(config, &cli.store, &cli.engine, &shutdown).await?;
+    let served = serve(cli, engine.clone(), shutdown).await;
+    engine.shutdown().await;
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs `derrick worker` until SIGTERM or Ctrl-C; its workspaces stay for the next start.
+async fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
+    match args.store.provisioning_mode {
+        ProvisioningMode::Local => {}
+        ProvisioningMode::Docker => {
+            bail!("provisioning mode `docker` is not available in this build; use `-p local`")
+        }
+        ProvisioningMode::RemoteNats => bail!(
+            "a worker runs workspaces itself, so `-p remote_nats` is for controllers; give the worker `-p local` or `-p docker`"
+        ),
+    }
+    let options = args.nats.to_options();
+    options.validate()?;
+    let id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(WorkerIdentity::generate_id);
+    if !crate::api::worker::is_valid_id(&id) {
+        bail!(
+            "invalid --worker-id `{id}`; use letters, digits, `-` and `_` (not `create`, `list` or `heartbeat`)"
+        );
+    }
+    let config = config::load(&args.workspace_config_path)?;
+    let config_name = config.name.clone();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let engine = start_engine(config, &args.store, &args.engine, &shutdown).await?;
+    let identity = WorkerIdentity {
+        id,
+        config: config_name,
+        provider: engine.provider_kind().to_owned(),
+    };
+    let served = transport::nats::serve_worker(engine.clone(), options, identity, shutdown).await;
+    engine.shutdown().await;
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Builds the engine that serves workspaces on this machine, re-adopts the workspaces of an
+/// earlier run, and starts its background work: orphan reaping, idle destruction, and the kill of
+/// running commands once a shutdown's grace has passed.
+async fn start_engine(
+    config: config::WorkspaceConfig,
+    store: &StoreFlags,
+    flags: &EngineFlags,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Engine>> {
+    crate::provider::local::start_reaping_orphans();
+    let limits = Limits {
+        setup_timeout: flags.setup_timeout,
+        max_workspaces: usize::try_from(flags.max_workspaces)?,
+    };
+    let engine = Arc::new(build_engine(config, store, &store.state_dir(), limits)?);
+    engine.recover().await?;
+    engine.enforce_cache_limit().await;
+    if let Some(seconds) = flags.idle_timeout {
         let idle_timeout = Duration::from_secs(seconds);
         tokio::spawn(destroy_idle_workspaces(
             engine.clone(),
@@ -332,17 +438,13 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    let grace = Duration::from_secs(cli.shutdown_grace);
+    let grace = Duration::from_secs(flags.shutdown_grace);
     tokio::spawn(interrupt_on_shutdown(
         engine.clone(),
         shutdown.clone(),
         grace,
     ));
-    let served = serve(cli, engine.clone(), shutdown).await;
-    engine.shutdown().await;
-    served?;
-    info!("stopped");
-    Ok(())
+    Ok(engine)
 }
 
 /// Builds the clean snapshot of a configuration through one workspace, which it destroys.
@@ -364,7 +466,8 @@ async fn warm_in(args: &WarmArgs, state_dir: &std::path::Path) -> anyhow::Result
         setup_timeout: args.setup_timeout,
         max_workspaces: 1,
     };
-    let engine = build_engine(&args.store, &args.workspace_config_path, state_dir, limits)?;
+    let config = config::load(&args.workspace_config_path)?;
+    let engine = build_engine(config, &args.store, state_dir, limits)?;
     let setup_key = engine.keys().setup.clone();
     info!(layer_key = %setup_key, "warming the clean snapshot");
     let created = match engine.create(crate::api::CreateRequest::default()).await {
@@ -493,14 +596,13 @@ struct Limits {
     max_workspaces: usize,
 }
 
-/// Loads the configuration and builds the provider and the engine over it.
+/// Builds the provider and the engine over it.
 fn build_engine(
+    config: config::WorkspaceConfig,
     store: &StoreFlags,
-    config_path: &std::path::Path,
     state_dir: &std::path::Path,
     limits: Limits,
 ) -> anyhow::Result<Engine> {
-    let config = config::load(config_path)?;
     let provider = build_provider(store)?;
     let cache_dir = store.cache_dir();
     info!(provider = %provider.kind(), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
@@ -519,7 +621,7 @@ fn build_engine(
 fn build_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
     if store.provisioning_mode != ProvisioningMode::Local {
         bail!(
-            "provisioning mode `{}` is not available in this build; use `-p local`",
+            "provisioning mode `{}` has no local layer cache in this build; use `-p local`",
             mode_name(store.provisioning_mode)
         );
     }
@@ -547,12 +649,16 @@ impl StoreFlags {
     }
 }
 
-/// Serves the engine over the chosen transport until `shutdown`.
-async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves `service` over the chosen transport until `shutdown`.
+async fn serve(
+    cli: &Cli,
+    service: Arc<dyn Service>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match cli.server_mode {
         ServerMode::Http => transport::http::serve(
             transport::http::AppState {
-                engine,
+                service,
                 auth_token: cli.auth_token.as_deref().map(Arc::from),
             },
             cli.listen,
@@ -562,7 +668,7 @@ async fn serve(cli: &Cli, engine: Arc<Engine>, shutdown: CancellationToken) -> a
         .with_context(|| format!("cannot serve HTTP on {}", cli.listen)),
         // The error names the URL (without user info) and what to check.
         ServerMode::Nats => {
-            Ok(transport::nats::serve(engine, cli.nats.to_options(), shutdown).await?)
+            Ok(transport::nats::serve(service, cli.nats.to_options(), shutdown).await?)
         }
     }
 }

@@ -112,7 +112,30 @@ pub enum Error {
     /// An unexpected failure. The message goes to the log; clients see only `internal`.
     #[error("{0}")]
     Internal(String),
+
+    /// An error that a `derrick worker` returned, passed on with its code and message as they are.
+    #[error("{message}")]
+    Forwarded { code: &'static str, message: String },
 }
+
+/// Every code of the wire contract.
+pub const CODES: [&str; 15] = [
+    "invalid_request",
+    "invalid_base64",
+    "path_outside_workspace",
+    "unauthorized",
+    "workspace_not_found",
+    "not_found",
+    "method_not_allowed",
+    "payload_too_large",
+    "file_not_found",
+    "invalid_transition",
+    "command_failed",
+    "setup_failed",
+    "git_failed",
+    "provider_unavailable",
+    "internal",
+];
 
 impl Error {
     /// Returns the snake_case code of the wire contract.
@@ -135,7 +158,13 @@ impl Error {
             Error::WorkspaceLimitReached { .. } => "workspace_limit_reached",
             Error::ProviderUnavailable(_) => "provider_unavailable",
             Error::Internal(_) => "internal",
+            Error::Forwarded { code, .. } => code,
         }
+    }
+
+    /// Returns the code of the wire contract that is spelled `code`, or `None` for an unknown one.
+    pub fn known_code(code: &str) -> Option<&'static str> {
+        CODES.into_iter().find(|known| *known == code)
     }
 
     /// Wraps an unexpected failure with the operation that hit it.

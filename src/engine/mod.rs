@@ -163,6 +163,11 @@ impl Engine {
         &self.keys
     }
 
+    /// Returns the provider kind, such as `local/overlay`.
+    pub fn provider_kind(&self) -> &str {
+        self.provider.kind()
+    }
+
     /// Returns the declared state machine.
     pub fn states(&self) -> &StateMachine {
         &self.machine

@@ -1,6 +1,6 @@
 //! The HTTP transport: the paths and bodies of the original derrick, over the service core.
 //!
-//! Handlers extract their inputs, call one engine function and convert the result. Every error,
+//! Handlers extract their inputs, call one service function and convert the result. Every error,
 //! including a malformed body and an oversized one, gets the JSON envelope of the wire contract.
 //!
 //! Invariant: this module decides HTTP statuses and nothing else; it never branches on a
@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::api::{self, ErrorBody};
-use crate::engine::{Engine, MAX_FILE_BYTES};
+use crate::engine::MAX_FILE_BYTES;
 use crate::error::Error;
+use crate::service::Service;
 
 /// Largest request body: a `write_file` of `MAX_FILE_BYTES` in base64 (4/3 of its size) with
 /// line breaks every 76 characters, plus room for the JSON around it.
@@ -31,7 +32,8 @@ pub const MAX_REQUEST_BYTES: usize = (MAX_FILE_BYTES as usize / 3 * 4) * 78 / 76
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: Arc<Engine>,
+    /// The backend: an engine on this machine, or workers reached over NATS.
+    pub service: Arc<dyn Service>,
     /// The bearer token every endpoint but `/health` requires; `None` serves without one.
     pub auth_token: Option<Arc<str>>,
 }
@@ -144,25 +146,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Returns the HTTP status of an error code.
+/// Returns the HTTP status of an error, decided by its code, so that an error a worker returned
+/// gets the same status as the one it stands for.
 pub fn status_of(error: &Error) -> StatusCode {
-    match error {
-        Error::InvalidRequest(_)
-        | Error::InvalidBase64 { .. }
-        | Error::PathOutsideWorkspace { .. } => StatusCode::BAD_REQUEST,
-        Error::Unauthorized => StatusCode::UNAUTHORIZED,
-        Error::WorkspaceNotFound { .. }
-        | Error::FileNotFound { .. }
-        | Error::RouteNotFound { .. } => StatusCode::NOT_FOUND,
-        Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-        Error::InvalidTransition { .. } => StatusCode::CONFLICT,
-        Error::PayloadTooLarge { .. } | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Error::CommandFailed { .. } | Error::SetupFailed { .. } | Error::GitFailed { .. } => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
-        Error::WorkspaceLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
-        Error::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    match error.code() {
+        "invalid_request" | "invalid_base64" | "path_outside_workspace" => StatusCode::BAD_REQUEST,
+        "unauthorized" => StatusCode::UNAUTHORIZED,
+        "workspace_not_found" | "file_not_found" | "not_found" => StatusCode::NOT_FOUND,
+        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_transition" => StatusCode::CONFLICT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "command_failed" | "setup_failed" | "git_failed" => StatusCode::UNPROCESSABLE_ENTITY,
+        "workspace_limit_reached" => StatusCode::TOO_MANY_REQUESTS,
+        "provider_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -243,30 +240,30 @@ async fn health() -> Json<api::HealthResponse> {
 }
 
 async fn states(State(state): State<AppState>) -> Response {
-    Json(state.engine.states().clone()).into_response()
+    Json(state.service.states().clone()).into_response()
 }
 
 async fn create(
     State(state): State<AppState>,
     Body(request): Body<api::CreateRequest>,
 ) -> Reply<Json<api::CreateResponse>> {
-    let engine = state.engine;
+    let service = state.service;
     Ok(Json(
-        to_completion(async move { engine.create(request).await }).await?,
+        to_completion(async move { service.create(request).await }).await?,
     ))
 }
 
-async fn list(State(state): State<AppState>) -> Json<api::ListResponse> {
-    Json(state.engine.list())
+async fn list(State(state): State<AppState>) -> Reply<Json<api::ListResponse>> {
+    Ok(Json(state.service.list().await?))
 }
 
 async fn workspace(State(state): State<AppState>, Path(id): Path<String>) -> Reply<Response> {
-    Ok(Json(state.engine.get(&id)?).into_response())
+    Ok(Json(state.service.get(&id).await?).into_response())
 }
 
 async fn destroy(State(state): State<AppState>, Path(id): Path<String>) -> Reply<Json<bool>> {
-    let engine = state.engine;
-    to_completion(async move { engine.destroy(&id).await }).await?;
+    let service = state.service;
+    to_completion(async move { service.destroy(&id).await }).await?;
     Ok(Json(true))
 }
 
@@ -275,7 +272,7 @@ async fn command(
     Path(id): Path<String>,
     Body(request): Body<api::CommandRequest>,
 ) -> Reply<Json<api::CommandResponse>> {
-    Ok(Json(state.engine.command_checked(&id, request).await?))
+    Ok(Json(state.service.command_checked(&id, request).await?))
 }
 
 async fn command_with_output(
@@ -283,7 +280,7 @@ async fn command_with_output(
     Path(id): Path<String>,
     Body(request): Body<api::CommandRequest>,
 ) -> Reply<Json<api::CommandOutput>> {
-    Ok(Json(state.engine.command(&id, request).await?))
+    Ok(Json(state.service.command(&id, request).await?))
 }
 
 async fn write_file(
@@ -291,9 +288,9 @@ async fn write_file(
     Path(id): Path<String>,
     Body(request): Body<api::WriteFileRequest>,
 ) -> Reply<Json<api::WriteFileResponse>> {
-    let engine = state.engine;
+    let service = state.service;
     Ok(Json(
-        to_completion(async move { engine.write_file(&id, request).await }).await?,
+        to_completion(async move { service.write_file(&id, request).await }).await?,
     ))
 }
 
@@ -302,7 +299,7 @@ async fn read_file(
     Path(id): Path<String>,
     Body(request): Body<api::ReadFileRequest>,
 ) -> Reply<Response> {
-    let bytes = state.engine.read_file(&id, request).await?;
+    let bytes = state.service.read_file(&id, request).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -310,9 +307,9 @@ async fn reset(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Reply<Json<api::ResetResponse>> {
-    let engine = state.engine;
+    let service = state.service;
     Ok(Json(
-        to_completion(async move { engine.reset(&id).await }).await?,
+        to_completion(async move { service.reset(&id).await }).await?,
     ))
 }
 
@@ -321,9 +318,9 @@ async fn fetch(
     Path(id): Path<String>,
     Body(request): Body<api::FetchRequest>,
 ) -> Reply<Json<api::FetchResponse>> {
-    let engine = state.engine;
+    let service = state.service;
     Ok(Json(
-        to_completion(async move { engine.fetch(&id, request).await }).await?,
+        to_completion(async move { service.fetch(&id, request).await }).await?,
     ))
 }
 
@@ -400,6 +397,13 @@ mod tests {
             (Error::WorkspaceLimitReached { limit: 1 }, 429),
             (Error::ProviderUnavailable("x".to_owned()), 503),
             (Error::Internal("x".to_owned()), 500),
+            (
+                Error::Forwarded {
+                    code: "file_not_found",
+                    message: "x".to_owned(),
+                },
+                404,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(status_of(&error).as_u16(), status, "{}", error.code());

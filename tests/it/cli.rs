@@ -79,15 +79,37 @@ fn invalid_config_names_file_and_field() {
 #[test]
 fn unbuilt_modes_exit_cleanly() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quickstart.json");
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let closed_url = format!("nats://127.0.0.1:{closed_port}");
     let cases = [
         (
             vec!["-p", "docker", "-w", fixture],
             "`docker` is not available",
         ),
         (
-            vec!["-p", "remote_nats", "-w", fixture],
-            "`remote_nats` is not available",
+            vec![
+                "-p",
+                "remote_nats",
+                "-w",
+                fixture,
+                "--nats-url",
+                &closed_url,
+            ],
+            "cannot connect to NATS at nats://127.0.0.1:",
         ),
+        (
+            vec!["worker", "-p", "remote_nats", "-w", fixture],
+            "give the worker `-p local` or `-p docker`",
+        ),
+        (
+            vec!["worker", "-w", fixture, "--worker-id", "a.b"],
+            "invalid --worker-id `a.b`",
+        ),
+        (vec!["worker", "-p", "local"], "--workspace-config-path"),
+        (vec!["-s", "http"], "--workspace-config-path"),
         (
             vec!["--listen", "0.0.0.0:50080", "-w", fixture],
             "not a loopback address",

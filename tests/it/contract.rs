@@ -1,7 +1,8 @@
-//! The wire contract, run over HTTP and over NATS alike.
+//! The wire contract, run over HTTP, over NATS, and through a `remote_nats` controller alike.
 //!
-//! Each case is one async function that takes the transport, and `contract!` makes two tests of
-//! it: `contract::<case>::http` and `contract::<case>::nats`. The cases send HTTP paths through
+//! Each case is one async function that takes the transport, and `contract!` makes three tests
+//! of it: `contract::<case>::http`, `contract::<case>::nats` and `contract::<case>::remote`, the
+//! last over HTTP to a controller that forwards every operation over NATS to one worker. The cases send HTTP paths through
 //! `Derrick::request`. Over NATS, it sends the same operation to its subject and returns the reply
 //! with the HTTP status of its error code, so both transports must give the same statuses, codes
 //! and bodies.
@@ -11,7 +12,7 @@ use serde_json::{Value, json};
 use crate::support::derrick::{Derrick, Reply, Transport, config};
 use crate::support::repos::TestRepo;
 
-/// Makes an HTTP and a NATS test of each case.
+/// Makes an HTTP, a NATS and a remote test of each case.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         $(
@@ -26,6 +27,11 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn nats() {
                     super::$case(Transport::Nats).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn remote() {
+                    super::$case(Transport::Remote).await;
                 }
             }
         )*
@@ -156,7 +162,7 @@ async fn lifecycle(transport: Transport) {
         .await;
     assert_eq!(read.status, 200, "{}", read.body);
     assert_eq!(read.bytes, b"hi");
-    if transport == Transport::Http {
+    if transport != Transport::Nats {
         assert_eq!(
             read.content_type.as_deref(),
             Some("application/octet-stream")

@@ -17,6 +17,7 @@ mod load;
 mod nats;
 mod operations;
 mod provider_defects;
+mod remote;
 mod reset;
 mod restarts;
 mod robustness;

@@ -17,10 +17,12 @@ use derrick::error::Error;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-// The NATS server helper is a child module of this file, because the benchmark includes this
-// file alone by `#[path]`. The tests reach it as `support::nats`, a re-export.
+// The NATS server and worker helpers are child modules of this file, because the benchmark includes this
+// file alone by `#[path]`. The tests reach them as `support::nats` and `support::remote`.
 #[path = "nats.rs"]
 pub mod nats;
+#[path = "remote.rs"]
+pub mod remote;
 
 use nats::NatsServer;
 
@@ -32,21 +34,29 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The log line after which derrick replies to NATS requests.
-const NATS_READY: &str = "serving nats requests";
+pub const NATS_READY: &str = "serving nats requests";
 
 /// How a test reaches derrick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Http,
     Nats,
+    /// HTTP to a `-p remote_nats` controller, which forwards over NATS to one worker.
+    Remote,
 }
 
 /// A running derrick and its folders; SIGTERM and wait on drop.
 pub struct Derrick {
     child: Child,
+    /// What a `remote_nats` controller depends on (its workers, and their NATS server unless
+    /// `link` has it), stopped after the controller and before `link`'s NATS server.
+    backend: Option<Box<dyn std::any::Any + Send + Sync>>,
     link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
+    /// The cache folder of the worker that contains the workspaces, for a `remote_nats`
+    /// controller.
+    worker_cache: Option<PathBuf>,
 }
 
 /// The transport side of a running derrick.
@@ -117,6 +127,7 @@ impl Derrick {
         match transport {
             Transport::Http => Self::start(config),
             Transport::Nats => Self::start_nats(NatsServer::start(), config, &[], &[]),
+            Transport::Remote => remote::single_worker_controller(config),
         }
     }
 
@@ -146,7 +157,9 @@ impl Derrick {
         env: &[(&str, &str)],
     ) -> Derrick {
         let mut command = Command::new(env!("CARGO_BIN_EXE_derrick"));
-        command.args(["-p", "local"]);
+        if !args.contains(&"-p") {
+            command.args(["-p", "local"]);
+        }
         match &nats {
             None => command.args(["-s", "http", "--listen", "127.0.0.1:0"]),
             Some(server) => command.args(nats_args(server)),
@@ -204,12 +217,27 @@ impl Derrick {
             link,
             log,
             folder,
+            worker_cache: None,
+            backend: None,
         }
+    }
+
+    /// Makes this derrick own `backend`, which it stops after itself, and look for workspace
+    /// folders in `worker_cache`.
+    pub fn attach(
+        mut self,
+        backend: Box<dyn std::any::Any + Send + Sync>,
+        worker_cache: Option<PathBuf>,
+    ) -> Derrick {
+        self.backend = Some(backend);
+        self.worker_cache = worker_cache;
+        self
     }
 
     /// Returns the transport this derrick serves.
     pub fn transport(&self) -> Transport {
         match self.link {
+            Link::Http { .. } if self.backend.is_some() => Transport::Remote,
             Link::Http { .. } => Transport::Http,
             Link::Nats(_) => Transport::Nats,
         }
@@ -271,9 +299,14 @@ impl Derrick {
         self.folder.path().join("state")
     }
 
-    /// Returns the host folder that a local workspace's commands see as their root.
+    /// Returns the host folder that a local workspace's commands see as their root; for a
+    /// `remote_nats` controller, the one on its worker.
     pub fn workspace_root(&self, id: &str) -> PathBuf {
-        self.cache_dir().join("workspaces").join(id).join("root")
+        let cache = self
+            .worker_cache
+            .clone()
+            .unwrap_or_else(|| self.cache_dir());
+        cache.join("workspaces").join(id).join("root")
     }
 
     /// Sends a request with an optional JSON body. Over NATS, the path names the subject and
@@ -450,7 +483,7 @@ impl Drop for Derrick {
 
 /// Collects derrick's stderr into the log on a thread, and sends what follows `ready_marker` on
 /// the first line that contains it (the HTTP address, or nothing for NATS).
-fn read_log(
+pub fn read_log(
     stderr: std::process::ChildStderr,
     ready_marker: &'static str,
 ) -> (Arc<Mutex<String>>, std::sync::mpsc::Receiver<String>) {
