@@ -27,8 +27,8 @@ use crate::transport::nats::WorkerIdentity;
 /// to a clock reading cannot overflow.
 const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
 
-/// Default `--max-workspaces`. Each workspace costs a mount, a folder and a record, so the
-/// limit keeps a runaway controller from filling the host; raise it on hosts made for more.
+/// Default `--max-workspaces`. Each workspace costs a mount, a folder and a record, so the limit
+/// keeps a runaway controller from filling the host. Hosts built for more can raise it.
 const DEFAULT_MAX_WORKSPACES: u64 = 256;
 
 /// Largest `--idle-timeout`: thirty days.
@@ -97,8 +97,8 @@ pub struct Cli {
     pub nats: NatsFlags,
 }
 
-/// Where workspaces and layers live: the provider and its folders. Shared by serving, `worker`,
-/// `warm` and `cache`.
+/// Storage flags: the provider and the folders of workspaces and layers. Shared by serving,
+/// `worker`, `warm` and `cache`.
 #[derive(Debug, clap::Args)]
 pub struct StoreFlags {
     /// The provisioning mode, which decides where workspaces are created: on this machine, or on

@@ -42,7 +42,7 @@ pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// lock files and small artifacts while keeping one request's memory bounded.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// What `Engine::recover` did with the workspaces of an earlier run.
+/// The outcome of `Engine::recover`: the workspaces of an earlier run it re-adopted and removed.
 #[derive(Debug, Default)]
 pub struct Recovery {
     pub adopted: Vec<WorkspaceId>,
@@ -76,8 +76,8 @@ pub struct Engine {
     builds: Mutex<HashMap<LayerKey, Arc<tokio::sync::Mutex<()>>>>,
     usage: cache::Usage,
     cache_max_bytes: Option<u64>,
-    /// Eviction holds it for writing. Steps that pick layers before a workspace's record names
-    /// them (a create's cache lookup and provision, a snapshot) hold it for reading, so eviction
+    /// Eviction locks it for writing. Steps that pick layers before a workspace's record names
+    /// them (a create's cache lookup and provision, a snapshot) lock it for reading, so eviction
     /// never removes a layer between the two.
     cache_guard: tokio::sync::RwLock<()>,
     max_workspaces: usize,
@@ -432,7 +432,7 @@ impl Engine {
         Ok(recovery)
     }
 
-    /// Re-adopts one workspace; `Ok(Err(reason))` says why it cannot be.
+    /// Re-adopts one workspace, returning its state, or `Ok(Err(reason))` when it cannot be.
     async fn readopt(&self, id: &WorkspaceId) -> Result<std::result::Result<String, String>> {
         let Some(record) = self.records.read(id).await? else {
             return Ok(Err("its record is gone".to_owned()));
@@ -456,6 +456,7 @@ impl Engine {
         let Some(env) = self.records.read_env(id).await? else {
             return Ok(Err("its create environment was not stored".to_owned()));
         };
+
         let layers: Vec<LayerKey> = record
             .layers
             .iter()
@@ -464,11 +465,13 @@ impl Engine {
         if !self.provider.adopt(id, &layers).await? {
             return Ok(Err("its environment is gone".to_owned()));
         }
+
         let workspace = Arc::new(Workspace::new(id.clone(), env, record));
         self.workspaces
             .lock()
             .expect("workspace map lock")
             .insert(id.clone(), workspace.clone());
+
         let state = workspace.record.lock().expect("record lock").state.clone();
         if state == "reset" {
             let started = Instant::now();

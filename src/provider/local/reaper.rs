@@ -2,8 +2,8 @@
 //! orphans that end up as its children, so that no zombies accumulate.
 //!
 //! A command that double-forks or detaches a process leaves an orphan. Linux hands orphans to the
-//! nearest ancestor that is a subreaper (`PR_SET_CHILD_SUBREAPER`), else to PID 1. In a container
-//! derrick often is PID 1, or sits under an init that never waits, so derrick takes them itself.
+//! nearest ancestor that is a subreaper (`PR_SET_CHILD_SUBREAPER`), else to PID 1. derrick may run
+//! as PID 1 of a container, or under an init that never waits, so it takes them itself.
 //!
 //! Invariant: the reaper never waits for a process that derrick spawned through tokio, because
 //! tokio waits for those and would otherwise get `ECHILD` and lose the exit status. Spawning a
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 /// costs nothing, while a pass reads every `/proc/<pid>/stat`.
 const REAP_PERIOD: Duration = Duration::from_secs(1);
 
-/// The pids of the commands that tokio waits for.
+/// Returns the set of pids of the commands that tokio waits for.
 fn registry() -> &'static Mutex<HashSet<i32>> {
     static REGISTRY: OnceLock<Mutex<HashSet<i32>>> = OnceLock::new();
     REGISTRY.get_or_init(|| Mutex::new(HashSet::new()))
