@@ -245,6 +245,12 @@ fn parse_servers(url: &str) -> std::io::Result<Vec<ServerAddr>> {
 }
 
 fn connect_hint(error: &ConnectError) -> &'static str {
+    // async-nats reports a rejected certificate during the handshake as an IO error.
+    let lowercase = error.to_string().to_lowercase();
+    if lowercase.contains("certificate") || lowercase.contains("tls") {
+        return "check --nats-tls-ca, --nats-tls-cert and --nats-tls-key against the server's TLS \
+                configuration";
+    }
     match error.kind() {
         ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
             "the server refused the credentials; check --nats-token, --nats-user and \

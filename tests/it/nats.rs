@@ -351,6 +351,45 @@ async fn user_and_password_from_environment() {
     assert!(!stderr.contains(wrong), "{stderr}");
 }
 
+/// A TLS-only server that verifies client certificates: derrick serves with the CA and a client
+/// certificate, and refuses to start, naming the TLS flags, without either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificate() {
+    let (_repository, config) = sample_config();
+    let server = NatsServer::start_with(NatsServerOptions {
+        tls: true,
+        ..NatsServerOptions::default()
+    });
+    let url = server.url();
+    let tls = server.tls().expect("TLS files").clone();
+    let derrick = Derrick::start_nats(server, &config, &[], &[]);
+    let id = derrick.create_id().await;
+    assert_eq!(derrick.output(&id, "echo over tls").await, "over tls\n");
+
+    let folder = tempfile::tempdir().expect("temporary folder");
+    let ca = tls.ca.display().to_string();
+    let certificate = tls.client_certificate.display().to_string();
+    let key = tls.client_key.display().to_string();
+    let cases: [(&str, Vec<&str>); 2] = [
+        (
+            "no CA",
+            vec!["--nats-tls-cert", &certificate, "--nats-tls-key", &key],
+        ),
+        ("no client certificate", vec!["--nats-tls-ca", &ca]),
+    ];
+    for (label, args) in cases {
+        let (code, stderr, took) = run_derrick(folder.path(), &config, &url, &args, &[]);
+        assert_eq!(code, Some(1), "{label}: {stderr}");
+        assert!(took < Duration::from_secs(15), "{label}: took {took:?}");
+        assert!(
+            stderr.contains(&format!("cannot connect to NATS at {url}")),
+            "{label}: {stderr}"
+        );
+        assert!(stderr.contains("--nats-tls-ca"), "{label}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{label}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_fails_start_up() {
     let (_repository, config) = sample_config();

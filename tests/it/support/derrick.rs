@@ -641,6 +641,15 @@ fn nats_args(server: &NatsServer) -> Vec<String> {
     if let Some(token) = server.token() {
         args.extend(["--nats-token".to_owned(), token.to_owned()]);
     }
+    if let Some(tls) = server.tls() {
+        for (flag, file) in [
+            ("--nats-tls-ca", &tls.ca),
+            ("--nats-tls-cert", &tls.client_certificate),
+            ("--nats-tls-key", &tls.client_key),
+        ] {
+            args.extend([flag.to_owned(), file.display().to_string()]);
+        }
+    }
     args
 }
 

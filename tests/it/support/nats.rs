@@ -1,7 +1,7 @@
 //! A real `nats-server` per test on a loopback port that the server picks itself, with an
-//! optional token and maximum payload, killed on drop.
+//! optional token, user, maximum payload and TLS, killed on drop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,17 @@ pub struct NatsServerOptions {
     pub user: Option<(String, String)>,
     /// Largest message the server accepts, in bytes (its default is 1 MiB).
     pub max_payload: Option<usize>,
+    /// Serve TLS only, with certificates from a CA of the test's own, and require a client
+    /// certificate from that CA.
+    pub tls: bool,
+}
+
+/// The PEM files of a TLS server's test CA and of a client certificate that it accepts.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub client_certificate: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// A running `nats-server` and its folder (configuration, log, ports file).
@@ -27,6 +38,7 @@ pub struct NatsServer {
     port: u16,
     token: Option<String>,
     user: Option<(String, String)>,
+    tls: Option<TlsFiles>,
     folder: TempDir,
 }
 
@@ -43,10 +55,20 @@ impl NatsServer {
     pub fn start_with(options: NatsServerOptions) -> NatsServer {
         let folder = tempfile::tempdir().expect("temporary folder");
         let config_path = folder.path().join("nats.conf");
-        let config = match options.max_payload {
+        let mut config = match options.max_payload {
             Some(bytes) => format!("max_payload: {bytes}\n"),
             None => String::new(),
         };
+        let tls = options.tls.then(|| {
+            let files = make_certificates(folder.path());
+            config.push_str(&format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}\n",
+                folder.path().join("server.pem").display(),
+                folder.path().join("server.key").display(),
+                files.ca.display(),
+            ));
+            files
+        });
         std::fs::write(&config_path, config).expect("write nats.conf");
 
         let mut command = Command::new(binary());
@@ -80,6 +102,7 @@ impl NatsServer {
             port: 0,
             token: options.token,
             user: options.user,
+            tls,
             folder,
         };
         server.port = server.wait_for_port();
@@ -89,6 +112,11 @@ impl NatsServer {
     /// Returns the client URL (`nats://127.0.0.1:PORT`).
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the certificate files of a TLS server.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// Returns the token clients must send, if any.
@@ -110,6 +138,12 @@ impl NatsServer {
         }
         if let Some((user, password)) = &self.user {
             options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client_certificate.clone(), tls.client_key.clone());
         }
         options
             .connect(self.url())
@@ -153,6 +187,89 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Creates a CA, a server certificate for 127.0.0.1 and a client certificate in `folder` with
+/// the `openssl` CLI, and returns the files a client needs.
+fn make_certificates(folder: &Path) -> TlsFiles {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(folder)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_request = [
+        &["req", "-x509"],
+        &key[..],
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+    ];
+    openssl(
+        &[
+            ca_request.concat(),
+            vec!["-days", "2", "-subj", "/CN=derrick test CA"],
+        ]
+        .concat(),
+    );
+    for (name, extension) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key_file, request, certificate, extensions) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(folder.join(&extensions), extension).expect("write extensions");
+        let subject = format!("/CN=derrick test {name}");
+        openssl(
+            &[
+                &["req"],
+                &key[..],
+                &["-keyout", &key_file, "-out", &request, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &request,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &certificate,
+            "-days",
+            "2",
+            "-extfile",
+            &extensions,
+        ]);
+    }
+    TlsFiles {
+        ca: folder.join("ca.pem"),
+        client_certificate: folder.join("client.pem"),
+        client_key: folder.join("client.key"),
     }
 }
 
