@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config;
-use crate::engine::cache::{self, Usage};
+use crate::engine::cache::{self, CacheLock, Usage};
 use crate::engine::record::RecordStore;
 use crate::engine::{Engine, EngineOptions, Provider};
 use crate::nats_client::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
@@ -356,8 +356,7 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
         cli.nats.to_options().validate()?;
     }
     let config = config::load(config_path)?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let (shutdown, force) = watch_signals();
     if remote {
         // The workers own the workspaces, so a stopping controller leaves them as they are.
         let remote = RemoteNats::connect(&cli.nats.to_options(), &config.name).await?;
@@ -366,7 +365,7 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let engine = start_engine(config, &cli.store, &cli.engine, &shutdown).await?;
+    let engine = start_engine(config, &cli.store, &cli.engine, &shutdown, &force).await?;
     let served = serve(cli, engine.clone(), shutdown).await;
     engine.shutdown().await;
     served?;
@@ -398,9 +397,8 @@ async fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     }
     let config = config::load(&args.workspace_config_path)?;
     let config_name = config.name.clone();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let engine = start_engine(config, &args.store, &args.engine, &shutdown).await?;
+    let (shutdown, force) = watch_signals();
+    let engine = start_engine(config, &args.store, &args.engine, &shutdown, &force).await?;
     let identity = WorkerIdentity {
         id,
         config: config_name,
@@ -421,6 +419,7 @@ async fn start_engine(
     store: &StoreFlags,
     flags: &EngineFlags,
     shutdown: &CancellationToken,
+    force: &CancellationToken,
 ) -> anyhow::Result<Arc<Engine>> {
     crate::provider::local::start_reaping_orphans();
     let limits = Limits {
@@ -442,6 +441,7 @@ async fn start_engine(
     tokio::spawn(interrupt_on_shutdown(
         engine.clone(),
         shutdown.clone(),
+        force.clone(),
         grace,
     ));
     Ok(engine)
@@ -449,28 +449,56 @@ async fn start_engine(
 
 /// Builds the clean snapshot of a configuration through one workspace, which it destroys.
 ///
-/// The workspace's record goes to a private temporary state folder, so a warm job can run while a
-/// derrick serves the same cache.
+/// The workspace's record goes to a state folder of its own under `<cache>/warm/`, so a warm job
+/// can run while a derrick serves the same cache. A warm job killed before it cleaned up leaves
+/// that folder, and the next warm job on the cache removes the workspace it names.
 async fn warm(args: &WarmArgs) -> anyhow::Result<()> {
-    let state_dir =
-        std::env::temp_dir().join(format!("derrick-warm-{}", uuid::Uuid::new_v4().simple()));
-    let warmed = warm_in(args, &state_dir).await;
+    let warm_folder = args.store.cache_dir().join("warm");
+    let state_dir = warm_folder.join(uuid::Uuid::new_v4().simple().to_string());
+    let warmed = warm_in(args, &warm_folder, &state_dir).await;
     if let Err(error) = std::fs::remove_dir_all(&state_dir) {
-        tracing::warn!(folder = %state_dir.display(), error = %error, "cannot remove the temporary state folder");
+        tracing::warn!(folder = %state_dir.display(), error = %error, "cannot remove the warm job's state folder");
     }
     warmed
 }
 
-async fn warm_in(args: &WarmArgs, state_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn warm_in(
+    args: &WarmArgs,
+    warm_folder: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let limits = Limits {
         setup_timeout: args.setup_timeout,
         max_workspaces: 1,
     };
     let config = config::load(&args.workspace_config_path)?;
-    let engine = build_engine(config, &args.store, state_dir, limits)?;
+    let engine = Arc::new(build_engine(config, &args.store, state_dir, limits)?);
+    remove_stale_warm_jobs(&engine, warm_folder, state_dir).await;
     let setup_key = engine.keys().setup.clone();
     info!(layer_key = %setup_key, "warming the clean snapshot");
-    let created = match engine.create(crate::api::CreateRequest::default()).await {
+
+    // SIGTERM or Ctrl-C kills the setup script (again, until the create returns, since a clone
+    // may still be running when the signal comes) and ends the warm job without a snapshot.
+    let (shutdown, _force) = watch_signals();
+    let killer = tokio::spawn({
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            loop {
+                engine.interrupt().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let created = engine.create(crate::api::CreateRequest::default()).await;
+    killer.abort();
+    if shutdown.is_cancelled() {
+        if let Ok(created) = &created {
+            engine.destroy(&created.id).await?;
+        }
+        bail!("interrupted by a signal; the clean snapshot was not built");
+    }
+    let created = match created {
         Ok(created) => created,
         Err(error) => return Err(warm_failure(&engine, error)),
     };
@@ -483,6 +511,39 @@ async fn warm_in(args: &WarmArgs, state_dir: &std::path::Path) -> anyhow::Result
     info!(layer_key = %setup_key, cache_hit = %created.cache.hit, durations = %durations.join(", "), "clean snapshot ready");
     println!("{setup_key}");
     Ok(())
+}
+
+/// Removes what warm jobs that were killed left in `warm_folder`: each state folder that no
+/// running job locks, with the workspaces its records name.
+async fn remove_stale_warm_jobs(
+    engine: &Engine,
+    warm_folder: &std::path::Path,
+    own: &std::path::Path,
+) {
+    let Ok(entries) = std::fs::read_dir(warm_folder) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let folder = entry.path();
+        if folder == own {
+            continue;
+        }
+        match engine.remove_recorded_workspaces(&folder).await {
+            Ok(Some(removed)) => {
+                for id in removed {
+                    tracing::warn!(workspace_id = %id, folder = %folder.display(), "removed a workspace left by a killed warm job");
+                }
+                if let Err(error) = std::fs::remove_dir_all(&folder) {
+                    tracing::warn!(folder = %folder.display(), error = %error, "cannot remove a killed warm job's state folder");
+                }
+            }
+            // A running warm job holds the folder's lock.
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(folder = %folder.display(), error = %error, "cannot clean up after a killed warm job");
+            }
+        }
+    }
 }
 
 /// Describes a failed warm with the failing step, its exit code and its output.
@@ -508,9 +569,10 @@ fn warm_failure(engine: &Engine, error: crate::error::Error) -> anyhow::Error {
 
 /// Prints the cached layers; works while a derrick serves the same folders.
 async fn cache_list(store: &StoreFlags, json: bool) -> anyhow::Result<()> {
-    let provider = build_provider(store)?;
+    let provider = inspect_provider(store)?;
     let usage = Usage::new(&store.cache_dir());
-    let in_use = crate::engine::record::recorded_layers(&store.state_dir()).await?;
+    let mut in_use = crate::engine::record::recorded_layers(&store.state_dir()).await?;
+    in_use.extend(provider.environment_layers().await?);
     let entries = cache::entries(provider.as_ref(), &usage, &in_use).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
@@ -534,16 +596,19 @@ async fn cache_list(store: &StoreFlags, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes least recently used layers that no recorded workspace uses. Holds the state folder's
-/// lock, so no derrick can start workspaces on a layer while it goes.
+/// Removes least recently used layers that no workspace uses: neither one recorded in the state
+/// folder nor any environment in the cache. Holds the cache's lock exclusively and the state
+/// folder's lock, so no derrick can start a workspace on a layer while it goes.
 async fn cache_prune(store: &StoreFlags, max_bytes: u64) -> anyhow::Result<()> {
     let state_dir = store.state_dir();
+    let provider = inspect_provider(store)?;
+    let _cache = CacheLock::exclusive(&store.cache_dir())?;
     let _records = RecordStore::open(&state_dir).context(
         "stop the derrick that uses this state folder first, or let it evict with --cache-max-bytes",
     )?;
-    let provider = build_provider(store)?;
     let usage = Usage::new(&store.cache_dir());
-    let in_use = crate::engine::record::recorded_layers(&state_dir).await?;
+    let mut in_use = crate::engine::record::recorded_layers(&state_dir).await?;
+    in_use.extend(provider.environment_layers().await?);
     let removed = cache::evict(provider.as_ref(), &usage, &in_use, max_bytes).await?;
     let freed: u64 = removed.iter().map(|entry| entry.size_bytes).sum();
     for entry in &removed {
@@ -617,14 +682,26 @@ fn build_engine(
     Ok(Engine::new(options, provider)?)
 }
 
-/// Builds the provider that `-p` names.
-fn build_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
+/// Opens the cache of the provider that `-p` names for listing and removing layers only.
+fn inspect_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
+    require_local(store)?;
+    Ok(Arc::new(LocalProvider::inspect(store.cache_dir())?))
+}
+
+/// Fails for a provisioning mode that has no provider in this process.
+fn require_local(store: &StoreFlags) -> anyhow::Result<()> {
     if store.provisioning_mode != ProvisioningMode::Local {
         bail!(
             "provisioning mode `{}` has no local layer cache in this build; use `-p local`",
             mode_name(store.provisioning_mode)
         );
     }
+    Ok(())
+}
+
+/// Builds the provider that `-p` names.
+fn build_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
+    require_local(store)?;
     let cache_dir = store.cache_dir();
     let layer_mode = match store.layers {
         LayersFlag::Auto => LayerMode::Auto,
@@ -696,9 +773,21 @@ fn default_state_dir() -> PathBuf {
 /// Kills the workspaces' running commands and setup scripts once shutdown has let them run for
 /// `grace`, so that the transports' graceful shutdown, which waits for running requests, ends in
 /// bounded time. A shutdown whose requests all finish sooner exits before this fires.
-async fn interrupt_on_shutdown(engine: Arc<Engine>, shutdown: CancellationToken, grace: Duration) {
+async fn interrupt_on_shutdown(
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    grace: Duration,
+) {
     shutdown.cancelled().await;
-    tokio::time::sleep(grace).await;
+    info!(
+        grace_seconds = grace.as_secs(),
+        "shutting down; a second signal kills running commands at once"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(grace) => {}
+        () = force.cancelled() => {}
+    }
     info!(
         grace_seconds = grace.as_secs(),
         "killing the commands still running at shutdown"
@@ -723,23 +812,40 @@ async fn destroy_idle_workspaces(
     }
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let terminate = async {
+/// Cancels `shutdown` at the first SIGTERM or Ctrl-C, and `force` at the second, which ends the
+/// grace of running requests at once.
+async fn cancel_on_signal(shutdown: CancellationToken, force: CancellationToken) {
+    let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
+            Ok(signal) => Some(signal),
             Err(error) => {
                 tracing::error!(error = %error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+                None
             }
+        };
+    for token in [shutdown, force] {
+        let terminated = async {
+            match terminate.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+            () = terminated => info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("interrupt received, shutting down"),
-        () = terminate => info!("SIGTERM received, shutting down"),
+        token.cancel();
     }
-    shutdown.cancel();
+}
+
+/// Starts watching for SIGTERM and Ctrl-C; returns the shutdown token and the token of a second
+/// signal, which cuts the grace short.
+fn watch_signals() -> (CancellationToken, CancellationToken) {
+    let (shutdown, force) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(cancel_on_signal(shutdown.clone(), force.clone()));
+    (shutdown, force)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! layer's parent, so a child layer is never left without its parent.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -17,6 +17,57 @@ use serde::Serialize;
 use super::provider::{LayerInfo, Provider};
 use crate::error::{Error, Result};
 use crate::keys::{LayerKey, LayerKind};
+
+/// A lock on `<cache>/lock`. Every derrick, worker and warm job holds it shared while it uses the
+/// cache, and `derrick cache prune` holds it exclusively, so a prune never removes a layer under a
+/// running process, whatever state folder each one names.
+#[derive(Debug)]
+pub struct CacheLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl CacheLock {
+    /// Takes the lock shared, as a process that uses the cache.
+    ///
+    /// # Errors
+    /// Fails while a prune holds it, or when the lock file cannot be opened.
+    pub fn shared(cache_dir: &Path) -> Result<CacheLock> {
+        Self::take(
+            cache_dir,
+            nix::fcntl::FlockArg::LockSharedNonblock,
+            "is being pruned",
+        )
+    }
+
+    /// Takes the lock exclusively, as a prune.
+    ///
+    /// # Errors
+    /// Fails while any other process uses the cache.
+    pub fn exclusive(cache_dir: &Path) -> Result<CacheLock> {
+        Self::take(
+            cache_dir,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+            "is in use by a running derrick, worker or warm job; stop it first, or let a serving derrick evict with --cache-max-bytes",
+        )
+    }
+
+    fn take(cache_dir: &Path, mode: nix::fcntl::FlockArg, busy: &str) -> Result<CacheLock> {
+        let path = cache_dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| Error::internal(format!("cannot open {}", path.display()), error))?;
+        let lock = nix::fcntl::Flock::lock(file, mode).map_err(|(_, errno)| {
+            Error::ProviderUnavailable(format!(
+                "the cache folder {} {busy} ({errno})",
+                cache_dir.display()
+            ))
+        })?;
+        Ok(CacheLock { _lock: lock })
+    }
+}
 
 /// One layer as `derrick cache list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,7 +96,7 @@ pub struct Usage {
 
 impl Usage {
     /// Keeps last-use times under `<cache_dir>/usage`.
-    pub fn new(cache_dir: &std::path::Path) -> Usage {
+    pub fn new(cache_dir: &Path) -> Usage {
         Usage {
             folder: cache_dir.join("usage"),
         }

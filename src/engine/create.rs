@@ -86,6 +86,8 @@ impl Engine {
             self.usage.touch(self.layers_of(&workspace)).await;
             self.enforce_cache_limit().await;
         }
+        // The idle clock starts when the client gets the workspace, not when the build began.
+        workspace.mark_active();
         let state = workspace.record.lock().expect("record lock").state.clone();
         Ok(api::CreateResponse {
             id: workspace.id.to_string(),
@@ -244,6 +246,13 @@ impl Engine {
                 timeout: self.setup_timeout,
             };
             let output = self.provider.exec(&workspace.id, request).await?;
+            if output.exit_code != 0 && workspace.was_killed() {
+                return Err(Error::ProviderUnavailable(format!(
+                    "the setup script of workspace `{}` was killed because the workspace was \
+                     destroyed or derrick is shutting down; create the workspace again",
+                    workspace.id
+                )));
+            }
             if output.exit_code != 0 {
                 let mut message = output.output;
                 if output.timed_out {

@@ -75,6 +75,8 @@ pub struct Engine {
     workspaces: Mutex<HashMap<WorkspaceId, Arc<Workspace>>>,
     builds: Mutex<HashMap<LayerKey, Arc<tokio::sync::Mutex<()>>>>,
     usage: cache::Usage,
+    /// Held shared for the engine's lifetime, so that `derrick cache prune` waits for it.
+    _cache_lock: cache::CacheLock,
     cache_max_bytes: Option<u64>,
     /// Eviction locks it for writing. Steps that pick layers before a workspace's record names
     /// them (a create's cache lookup and provision, a snapshot) lock it for reading, so eviction
@@ -96,6 +98,9 @@ struct Workspace {
     operations: tokio::sync::Mutex<()>,
     /// When a request last named the workspace, or a command of it ended.
     last_active: Mutex<Instant>,
+    /// Set when a destroy or a shutdown kills the workspace's processes, so that a setup script
+    /// that dies of it is not reported as a broken script.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl Workspace {
@@ -106,7 +111,16 @@ impl Workspace {
             record: Mutex::new(record),
             operations: tokio::sync::Mutex::new(()),
             last_active: Mutex::new(Instant::now()),
+            killed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn mark_killed(&self) {
+        self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn was_killed(&self) -> bool {
+        self.killed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn mark_active(&self) {
@@ -145,6 +159,7 @@ impl Engine {
             machine,
             provider,
             mirrors: Mirrors::new(options.cache_dir.join("git")),
+            _cache_lock: cache::CacheLock::shared(&options.cache_dir)?,
             records: RecordStore::open(&options.state_dir)?,
             setup_timeout: options.setup_timeout,
             usage: cache::Usage::new(&options.cache_dir),
@@ -294,6 +309,12 @@ impl Engine {
     pub async fn reset(&self, id: &str) -> Result<api::ResetResponse> {
         let started = Instant::now();
         let workspace = self.workspace(id)?;
+        // Checked before the kill as well, so that a reset sent during a create is refused
+        // without killing its setup script.
+        let state = workspace.record.lock().expect("record lock").state.clone();
+        self.machine
+            .next(&state, "reset")
+            .map_err(|refusal| self.refused(&workspace, &state, "reset", refusal))?;
         self.provider.kill_processes(&workspace.id).await?;
         let _operations = workspace.operations.lock().await;
         self.transition(&workspace, "reset", started).await?;
@@ -316,6 +337,7 @@ impl Engine {
     pub async fn fetch(&self, id: &str, request: api::FetchRequest) -> Result<api::FetchResponse> {
         let workspace = self.workspace(id)?;
         let selected = self.select_repositories(request.paths.as_deref())?;
+        self.check_same_repositories(&workspace)?;
         let _operations = workspace.operations.lock().await;
         self.transition(&workspace, "fetch", Instant::now()).await?;
 
@@ -349,6 +371,7 @@ impl Engine {
     pub async fn destroy(&self, id: &str) -> Result<()> {
         let started = Instant::now();
         let workspace = self.workspace(id)?;
+        workspace.mark_killed();
         self.provider.kill_processes(&workspace.id).await?;
         let _operations = workspace.operations.lock().await;
         let state = workspace.record.lock().expect("record lock").state.clone();
@@ -385,8 +408,10 @@ impl Engine {
     /// Kills the processes of every live workspace, so that running commands and setup scripts
     /// end and a shutdown does not wait for them.
     pub async fn interrupt(&self) {
-        for id in self.live_ids() {
-            if let Err(error) = self.provider.kill_processes(&id).await {
+        for workspace in self.live_workspaces() {
+            workspace.mark_killed();
+            let id = &workspace.id;
+            if let Err(error) = self.provider.kill_processes(id).await {
                 tracing::error!(workspace_id = %id, error = %error, "cannot kill processes at shutdown");
             }
         }
@@ -399,9 +424,15 @@ impl Engine {
     /// environment in the provider are intact and it was not in the middle of being created.
     /// Processes that it ran under the earlier derrick are killed: their requests are gone. A
     /// workspace caught in the middle of a reset finishes it.
+    ///
+    /// # Errors
+    /// Fails, before touching anything, when a record names another provider kind (another
+    /// layer format or provisioning mode): such workspaces need the derrick that made them.
     pub async fn recover(&self) -> Result<Recovery> {
+        let ids = self.records.ids().await?;
+        self.check_provider_of_records(&ids).await?;
         let mut recovery = Recovery::default();
-        for id in self.records.ids().await? {
+        for id in ids {
             if let Err(error) = self.provider.kill_processes(&id).await {
                 tracing::error!(workspace_id = %id, error = %error, "cannot kill the processes of a workspace left by an earlier run");
             }
@@ -432,18 +463,57 @@ impl Engine {
         Ok(recovery)
     }
 
+    /// Destroys, through this engine's provider, every workspace recorded in another state
+    /// folder, and removes its records. Returns `None` when a running process holds that folder.
+    pub async fn remove_recorded_workspaces(
+        &self,
+        state_dir: &std::path::Path,
+    ) -> Result<Option<Vec<WorkspaceId>>> {
+        let Ok(records) = RecordStore::open(state_dir) else {
+            return Ok(None);
+        };
+        let mut removed = Vec::new();
+        for id in records.ids().await? {
+            self.provider.kill_processes(&id).await?;
+            self.provider.destroy(&id).await?;
+            records.remove(&id).await?;
+            removed.push(id);
+        }
+        Ok(Some(removed))
+    }
+
+    /// Fails when a readable record names a provider kind other than this engine's.
+    async fn check_provider_of_records(&self, ids: &[WorkspaceId]) -> Result<()> {
+        let mut others = BTreeMap::<String, usize>::new();
+        for id in ids {
+            if let Ok(Some(record)) = self.records.read(id).await
+                && record.provider != self.provider.kind()
+            {
+                *others.entry(record.provider).or_default() += 1;
+            }
+        }
+        let Some((kind, _)) = others.iter().next() else {
+            return Ok(());
+        };
+        let counts: Vec<String> = others
+            .iter()
+            .map(|(kind, count)| format!("{count} of provider `{kind}`"))
+            .collect();
+        Err(Error::Internal(format!(
+            "the state folder {} has workspaces that this derrick cannot re-adopt: {}, while this \
+             derrick runs `{}`; start derrick with the same -p and --layers as before (for \
+             `{kind}`), destroy those workspaces, then switch",
+            self.records.folder().display(),
+            counts.join(", "),
+            self.provider.kind()
+        )))
+    }
+
     /// Re-adopts one workspace, returning its state, or `Ok(Err(reason))` when it cannot be.
     async fn readopt(&self, id: &WorkspaceId) -> Result<std::result::Result<String, String>> {
         let Some(record) = self.records.read(id).await? else {
             return Ok(Err("its record is gone".to_owned()));
         };
-        if record.provider != self.provider.kind() {
-            return Ok(Err(format!(
-                "it belongs to provider {}, not {}",
-                record.provider,
-                self.provider.kind()
-            )));
-        }
         if !matches!(
             record.state.as_str(),
             "clean_snapshotted" | "running" | "reset" | "failed"
@@ -462,7 +532,10 @@ impl Engine {
             .iter()
             .map(|layer| layer.key.clone())
             .collect();
-        if !self.provider.adopt(id, &layers).await? {
+        // A failed create has already removed its environment; its record stays listed, with
+        // the failure, until destroyed.
+        let adopted = self.provider.adopt(id, &layers).await?;
+        if !adopted && record.state != "failed" {
             return Ok(Err("its environment is gone".to_owned()));
         }
 
@@ -497,7 +570,14 @@ impl Engine {
             return;
         };
         let _guard = self.cache_guard.write().await;
-        let in_use = self.layers_in_use();
+        let mut in_use = self.layers_in_use();
+        match self.provider.environment_layers().await {
+            Ok(layers) => in_use.extend(layers),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot list the layers of environments; nothing evicted");
+                return;
+            }
+        }
         match cache::evict(self.provider.as_ref(), &self.usage, &in_use, max_bytes).await {
             Ok(removed) => {
                 for entry in removed {
@@ -741,6 +821,37 @@ impl Engine {
         if let Some(repository) = record.repositories.iter_mut().find(|r| r.path == path) {
             repository.commit = commit.to_owned();
         }
+    }
+
+    /// Fails when the workspace was created from a configuration with other repositories (a
+    /// re-adopted workspace after a restart with a changed `-w`), since a fetch brings the
+    /// configured repositories to the configured references.
+    fn check_same_repositories(&self, workspace: &Workspace) -> Result<()> {
+        let record = workspace.record.lock().expect("record lock");
+        let recorded: std::collections::BTreeSet<(&str, &str)> = record
+            .repositories
+            .iter()
+            .map(|repository| (repository.path.as_str(), repository.url.as_str()))
+            .collect();
+        let configured: Vec<(String, String)> = self
+            .config
+            .repositories
+            .iter()
+            .map(|repository| (repository.path.clone(), repository.url.to_string()))
+            .collect();
+        let same = recorded.len() == configured.len()
+            && configured
+                .iter()
+                .all(|(path, url)| recorded.contains(&(path.as_str(), url.as_str())));
+        if same {
+            return Ok(());
+        }
+        Err(Error::invalid_request(format!(
+            "workspace `{}` was created from configuration `{}` with other repositories than the \
+             served configuration `{}`, so it cannot fetch; restart derrick with the configuration \
+             it was created from, or create a new workspace",
+            workspace.id, record.name, self.config.name
+        )))
     }
 
     /// Returns the configured repositories at `paths`, in configuration order and each once;

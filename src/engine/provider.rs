@@ -5,7 +5,7 @@
 //! first. It never talks to a Git remote either: the engine fills the host's mirrors, and a
 //! provider copies checkouts out of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -110,6 +110,11 @@ pub trait Provider: Send + Sync + 'static {
     /// Removes a layer from the cache; removing a missing one succeeds. The caller makes sure
     /// that no workspace uses it and no other layer has it as parent.
     async fn remove_layer(&self, key: &LayerKey) -> Result<()>;
+
+    /// Returns the layers that the environments in this provider stand on, whether the engine
+    /// knows them or not (workspaces of another state folder, those of a killed `warm`), so that
+    /// eviction never removes a layer under one of them.
+    async fn environment_layers(&self) -> Result<BTreeSet<LayerKey>>;
 
     /// Creates the base layer if it does not exist yet.
     async fn ensure_base(&self, key: &LayerKey, config_name: &str) -> Result<()>;

@@ -231,6 +231,11 @@ impl RecordStore {
         Ok(ids)
     }
 
+    /// Returns the folder of the records.
+    pub fn folder(&self) -> &Path {
+        &self.directory
+    }
+
     fn path(&self, id: &WorkspaceId) -> PathBuf {
         self.directory.join(format!("{id}.json"))
     }

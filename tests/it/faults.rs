@@ -104,3 +104,67 @@ async fn killed_setup_caches_nothing() {
     assert_eq!(record["failure"]["exit_code"], 137, "{record}");
     assert_eq!(record["failure"]["output"], "started\n", "{record}");
 }
+
+/// Starts a create on a task of its own and returns its id once the setup script runs `marker`.
+async fn create_in_background(
+    derrick: &Derrick,
+    marker: &str,
+) -> (String, tokio::task::JoinHandle<(u16, Value)>) {
+    let url = format!("{}/workspaces", derrick.base_url());
+    let creating = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .expect("create");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
+    });
+    let started = crate::support::derrick::wait_until(std::time::Duration::from_secs(20), || {
+        !crate::support::derrick::processes_matching(marker).is_empty()
+    });
+    assert!(started.await, "the setup never started");
+    let listed = derrick.get("/workspaces").await.body;
+    let id = listed["workspaces"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    (id, creating)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_during_create_keeps_the_setup_running() {
+    let repository = sample_repository();
+    let setup = "sleep 1.7; echo done > setup.txt";
+    let derrick = Derrick::start(&config(repository.path().display(), setup));
+    let (id, creating) = create_in_background(&derrick, "sleep 1.7").await;
+
+    let reset = derrick
+        .request("POST", &format!("/workspaces/{id}/reset"), None)
+        .await;
+    assert_eq!(reset.status, 409, "{}", reset.body);
+    let (status, created) = creating.await.expect("create task");
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(derrick.output(&id, "cat setup.txt").await, "done\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_create_is_not_a_setup_failure() {
+    let repository = sample_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), "sleep 733"));
+    let (id, creating) = create_in_background(&derrick, "sleep 733").await;
+
+    let destroyed = derrick
+        .request("DELETE", &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(destroyed.status, 200, "{}", destroyed.body);
+    let (status, created) = creating.await.expect("create task");
+    assert_eq!(status, 503, "{created}");
+    assert_eq!(created["error"]["code"], "provider_unavailable");
+    let message = created["error"]["message"].as_str().expect("message");
+    assert!(message.contains("the workspace was destroyed"), "{message}");
+    assert!(
+        crate::support::derrick::processes_matching("sleep 733").is_empty(),
+        "the setup script survived the destroy"
+    );
+}

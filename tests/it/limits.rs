@@ -99,3 +99,18 @@ async fn idle_workspaces_are_destroyed() {
         derrick.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clock_starts_after_slow_create() {
+    let repository = sample_repository();
+    let derrick = Derrick::start_with(
+        &config(repository.path().display(), "sleep 2"),
+        &["--idle-timeout", "1"],
+        &[],
+    );
+    let id = derrick.create_id().await;
+    // Half the idle timeout: the reaper checks every 250 ms and would have destroyed a workspace
+    // whose idle clock started with its 2-second create.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(derrick.output(&id, "echo kept").await, "kept\n");
+}

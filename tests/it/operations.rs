@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::support::derrick::{Derrick, config};
+use crate::support::derrick::{Derrick, config, processes_matching};
 use crate::support::repos::TestRepo;
 
 /// What a finished derrick command printed.
@@ -17,12 +17,20 @@ struct Finished {
 
 /// Runs `derrick <args> --cache-dir <folder>/cache --state-dir <folder>/state` to completion.
 fn run_in(folder: &Path, args: &[&str]) -> Finished {
+    let cache_dir = folder.join("cache").display().to_string();
+    let state_dir = folder.join("state").display().to_string();
+    let all: Vec<&str> = [
+        args,
+        &["--cache-dir", &cache_dir, "--state-dir", &state_dir],
+    ]
+    .concat();
+    run_derrick(&all)
+}
+
+/// Runs `derrick <args>` to completion.
+fn run_derrick(args: &[&str]) -> Finished {
     let output = Command::new(env!("CARGO_BIN_EXE_derrick"))
         .args(args)
-        .arg("--cache-dir")
-        .arg(folder.join("cache"))
-        .arg("--state-dir")
-        .arg(folder.join("state"))
         .stdin(Stdio::null())
         .output()
         .expect("run derrick");
@@ -190,12 +198,43 @@ async fn prune_keeps_layers_of_kept_workspaces() {
     assert!(
         refused
             .stderr
-            .contains("stop the derrick that uses this state folder first"),
+            .contains("is in use by a running derrick, worker or warm job"),
         "{}",
         refused.stderr
     );
+    let elsewhere = tempfile::tempdir().expect("temporary folder");
+    let cache_dir = derrick.cache_dir().display().to_string();
+    let wrong_state = run_derrick(&[
+        "cache",
+        "prune",
+        "--cache-dir",
+        &cache_dir,
+        "--state-dir",
+        &elsewhere.path().display().to_string(),
+    ]);
+    assert_eq!(wrong_state.code, Some(1), "{}", wrong_state.stdout);
+    assert!(
+        wrong_state.stderr.contains("is in use"),
+        "{}",
+        wrong_state.stderr
+    );
 
     let folder = derrick.into_folder();
+    // The workspace is kept on disk: its layers stay even for a state folder that lacks it.
+    let unknown_state = run_derrick(&[
+        "cache",
+        "prune",
+        "--cache-dir",
+        &cache_dir,
+        "--state-dir",
+        &elsewhere.path().display().to_string(),
+    ]);
+    assert_eq!(unknown_state.code, Some(0), "{}", unknown_state.stderr);
+    assert!(
+        unknown_state.stdout.contains("freed 0 bytes in 0 layers"),
+        "{}",
+        unknown_state.stdout
+    );
     let pruned = run_in(folder.path(), &["cache", "prune"]);
     assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
     assert!(
@@ -238,4 +277,87 @@ async fn cache_max_bytes_evicts_unused_layers_only() {
     let entries = cache_list(folder.path());
     assert_eq!(entries.len(), 3, "{entries:?}");
     assert!(entries.iter().all(|entry| entry["in_use"] == true));
+}
+
+/// Counts the mounts below `folder`.
+fn mounts_under(folder: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let folder = folder.to_str().expect("utf-8");
+    mounts.lines().filter(|line| line.contains(folder)).count()
+}
+
+/// Starts `derrick warm` in the background on `folder`, and waits until its setup runs `marker`.
+fn start_warm(folder: &Path, configuration: &Value, marker: &str) -> std::process::Child {
+    let path = folder.join(format!("warm-{}.json", unique_suffix()));
+    std::fs::write(&path, configuration.to_string()).expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_derrick"))
+        .args(["warm", "-p", "local", "-w"])
+        .arg(&path)
+        .arg("--cache-dir")
+        .arg(folder.join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start warm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while processes_matching(marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the setup never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn interrupted_warm_cleans_up() {
+    let repository = sample_repository();
+    let folder = tempfile::tempdir().expect("temporary folder");
+    let cache_dir = folder.path().join("cache");
+    let slow = config(repository.path().display(), "sleep 731");
+
+    let interrupted = start_warm(folder.path(), &slow, "sleep 731");
+    let pid = nix::unistd::Pid::from_raw(interrupted.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let output = interrupted.wait_with_output().expect("wait for warm");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted by a signal"), "{stderr}");
+    assert!(processes_matching("sleep 731").is_empty());
+    assert_eq!(mounts_under(&cache_dir), 0);
+    assert_eq!(
+        std::fs::read_dir(cache_dir.join("warm"))
+            .expect("warm")
+            .count(),
+        0
+    );
+
+    // A killed warm job leaves its workspace; the next warm job on the cache removes it.
+    let mut killed = start_warm(folder.path(), &slow, "sleep 731");
+    killed.kill().expect("SIGKILL");
+    killed.wait().expect("wait for warm");
+    assert_eq!(
+        mounts_under(&cache_dir),
+        1,
+        "the killed warm job left no mount"
+    );
+    let fast = config(repository.path().display(), "true");
+    let next = warm(folder.path(), &fast);
+    assert_eq!(next.code, Some(0), "{}", next.stderr);
+    assert!(
+        next.stderr
+            .contains("removed a workspace left by a killed warm job"),
+        "{}",
+        next.stderr
+    );
+    assert!(processes_matching("sleep 731").is_empty());
+    assert_eq!(mounts_under(&cache_dir), 0);
+    assert_eq!(
+        std::fs::read_dir(cache_dir.join("warm"))
+            .expect("warm")
+            .count(),
+        0
+    );
 }

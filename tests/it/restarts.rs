@@ -263,3 +263,127 @@ async fn restart_removes_workspaces_it_cannot_re_adopt() {
     assert!(!interrupted_root.exists());
     assert_eq!(restarted.create().await["cache"]["hit"], "setup");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_other_layer_format_is_refused() {
+    let repository = one_commit_repository();
+    let configuration = config(repository.path().display(), "");
+    let derrick = Derrick::start(&configuration);
+    let id = derrick.create_id().await;
+    let folder = derrick.into_folder();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_derrick"))
+        .args([
+            "-p",
+            "local",
+            "-s",
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+            "--layers",
+            "copy",
+        ])
+        .arg("-w")
+        .arg(folder.path().join("config.json"))
+        .arg("--cache-dir")
+        .arg(folder.path().join("cache"))
+        .arg("--state-dir")
+        .arg(folder.path().join("state"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run derrick");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 of provider `local/overlay`, while this derrick runs `local/copy`"),
+        "{stderr}"
+    );
+
+    let restarted = Derrick::start_on(folder, &configuration, &[], &[]);
+    assert_eq!(restarted.output(&id, "echo back").await, "back\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_workspace_survives_restart() {
+    let repository = one_commit_repository();
+    let configuration = config(repository.path().display(), "echo broken; exit 3");
+    let derrick = Derrick::start(&configuration);
+    let refused = derrick.post("/workspaces", json!({})).await;
+    assert_eq!(
+        refused.body["error"]["code"], "setup_failed",
+        "{}",
+        refused.body
+    );
+    let id = refused.body["error"]["workspace_id"]
+        .as_str()
+        .expect("workspace id")
+        .to_owned();
+
+    let restarted = Derrick::start_on(derrick.into_folder(), &configuration, &[], &[]);
+    let record = restarted.get(&format!("/workspaces/{id}")).await;
+    assert_eq!(record.status, 200, "{}", record.body);
+    assert_eq!(record.body["state"], "failed");
+    assert_eq!(record.body["failure"]["output"], "broken\n");
+    let destroyed = restarted
+        .request("DELETE", &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(destroyed.status, 200, "{}", destroyed.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_after_config_change_names_the_configuration() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let id = derrick.create_id().await;
+
+    let other = one_commit_repository();
+    let changed = json!({
+        "name": "changed",
+        "repositories": [{ "url": other.path().display().to_string(), "path": "/elsewhere" }],
+        "setup_script": "",
+    });
+    let restarted = Derrick::start_on(derrick.into_folder(), &changed, &[], &[]);
+    assert_eq!(restarted.output(&id, "cat code/app/a.txt").await, "one\n");
+    let fetched = restarted
+        .request("POST", &format!("/workspaces/{id}/fetch"), None)
+        .await;
+    assert_eq!(fetched.status, 400, "{}", fetched.body);
+    let message = fetched.body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("was created from configuration `it`")
+            && message.contains("served configuration `changed`"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_ends_the_grace() {
+    let repository = one_commit_repository();
+    let mut derrick = Derrick::start_with(
+        &config(repository.path().display(), ""),
+        &["--shutdown-grace", "60"],
+        &[],
+    );
+    let id = derrick.create_id().await;
+    let running = command_in_background(&derrick, &id, "sleep 317");
+    wait_for_process("sleep 317").await;
+
+    let started = Instant::now();
+    derrick.terminate();
+    let graced = wait_until(Duration::from_secs(10), || {
+        derrick
+            .log()
+            .contains("a second signal kills running commands")
+    });
+    assert!(graced.await, "{}", derrick.log());
+    derrick.terminate();
+    let status = derrick.stop();
+    assert!(status.success(), "derrick exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let reply = running.await.expect("request task").expect("a reply");
+    assert_eq!(reply["exit_code"], 137, "{reply}");
+}

@@ -54,6 +54,7 @@ mod workspace;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -135,6 +136,27 @@ impl LocalProvider {
         })
     }
 
+    /// Opens an existing cache to list or remove layers, changing nothing else: no folder is
+    /// created, no mount or cgroup probed, so it is safe beside a running derrick.
+    ///
+    /// # Errors
+    /// `invalid_request` when `cache_dir` holds no derrick cache.
+    pub fn inspect(cache_dir: PathBuf) -> Result<LocalProvider> {
+        let layout = Layout::new(cache_dir);
+        if !layout.layers().is_dir() || !layout.tmp().is_dir() {
+            return Err(Error::invalid_request(format!(
+                "{} is not a derrick cache (it has no layers and tmp folders); give the --cache-dir of a derrick",
+                layout.cache().display()
+            )));
+        }
+        Ok(LocalProvider {
+            layout,
+            format: Format::Overlay,
+            workspaces: Workspaces::default(),
+            tracker: Arc::new(Tracker::Scan),
+        })
+    }
+
     /// Finds processes by process group and environment even where cgroups work, as on a host
     /// without them, so tests can check that fallback.
     #[cfg(test)]
@@ -204,6 +226,10 @@ impl Provider for LocalProvider {
 
     async fn layers(&self) -> Result<Vec<LayerInfo>> {
         self.blocking(layers::list_blocking).await
+    }
+
+    async fn environment_layers(&self) -> Result<BTreeSet<LayerKey>> {
+        self.blocking(workspace::all_stacks_blocking).await
     }
 
     async fn remove_layer(&self, key: &LayerKey) -> Result<()> {

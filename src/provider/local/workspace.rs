@@ -116,6 +116,27 @@ pub(super) fn release_blocking(layout: &Layout, id: &WorkspaceId) -> Result<()> 
     overlay::unmount_blocking(&layout.root(id))
 }
 
+/// Returns the layers of every workspace folder in the cache, from their `layers.json`.
+pub(super) fn all_stacks_blocking(layout: &Layout) -> Result<std::collections::BTreeSet<LayerKey>> {
+    let folder = layout.workspaces();
+    let entries = match fs::read_dir(&folder) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(error) => return Err(cannot(format!("list {}", folder.display()))(error)),
+    };
+    let mut layers = std::collections::BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(cannot(format!("list {}", folder.display())))?;
+        let Some(id) = entry.file_name().to_str().and_then(WorkspaceId::parse) else {
+            continue;
+        };
+        if let Some(stack) = read_stack_blocking(layout, &id)? {
+            layers.extend(stack);
+        }
+    }
+    Ok(layers)
+}
+
 fn write_stack_blocking(layout: &Layout, id: &WorkspaceId, layers: &[LayerKey]) -> Result<()> {
     let path = layout.stack_file(id);
     let json = serde_json::to_vec_pretty(&StackFile {
