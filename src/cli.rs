@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, Provider};
+use crate::provider::docker::{DockerOptions, DockerProvider};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
 use crate::transport;
 use crate::transport::nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
@@ -33,6 +34,12 @@ pub const AUTH_TOKEN_VARIABLE: &str = "DERRICK_AUTH_TOKEN";
 
 /// Environment variable that may hold the NATS password instead of `--nats-password`.
 pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
+
+/// Base image of docker workspaces when the configuration names none.
+pub const DEFAULT_BASE_IMAGE: &str = "debian:bookworm-slim";
+
+/// Most spare containers per layer image; each one is a started container that uses memory.
+const MAX_SPARE_CONTAINERS: u64 = 8;
 
 /// Help heading of the flags that only `-s nats` reads.
 const NATS_HEADING: &str = "NATS server mode (-s nats)";
@@ -87,6 +94,15 @@ pub struct Cli {
     /// Seconds after which a setup script is killed and the create fails [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SETUP_TIMEOUT_SECONDS))]
     pub setup_timeout: Option<u64>,
+
+    /// Base image of docker workspaces when the configuration has no `base_image`.
+    #[arg(long, default_value = DEFAULT_BASE_IMAGE)]
+    pub base_image: String,
+
+    /// Started containers kept ready per layer image (docker), so that a reset or a warm create
+    /// does not wait for a container to start; 0 turns them off.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=MAX_SPARE_CONTAINERS))]
+    pub spare_containers: u64,
 
     #[command(flatten)]
     pub nats: NatsFlags,
@@ -181,9 +197,9 @@ pub enum LayersFlag {
 /// # Errors
 /// Fails on an invalid configuration, a mode that this build lacks, or a server that cannot start.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.provisioning_mode != ProvisioningMode::Local {
+    if cli.provisioning_mode == ProvisioningMode::RemoteNats {
         bail!(
-            "provisioning mode `{}` is not available in this build; use `-p local`",
+            "provisioning mode `{}` is not available in this build; use `-p local` or `-p docker`",
             mode_name(cli.provisioning_mode)
         );
     }
@@ -210,13 +226,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.nats.to_options().validate()?;
     }
 
-    let engine = Arc::new(build_engine(&cli)?);
+    let (engine, docker) = build_engine(&cli).await?;
+    let engine = Arc::new(engine);
+    if let Some(docker) = &docker {
+        // Containers whose workspace has no record belong to no one; spares of a stopped
+        // derrick are among them.
+        let known = engine.record_ids().await?;
+        for name in docker.remove_unknown(&known).await? {
+            tracing::warn!(container = %name, "removed a container left by an earlier run");
+        }
+    }
     engine.remove_leftovers().await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     tokio::spawn(interrupt_on_shutdown(engine.clone(), shutdown.clone()));
     let served = serve(&cli, engine.clone(), shutdown).await;
     engine.shutdown().await;
+    if let Some(docker) = &docker {
+        docker.remove_spares().await;
+    }
     served?;
     info!("stopped");
     Ok(())
@@ -254,22 +282,39 @@ impl NatsFlags {
     }
 }
 
-/// Loads the configuration and builds the local provider and the engine over it.
-fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
-    let config = config::load(&cli.workspace_config_path)?;
+/// Loads the configuration and builds the provider and the engine over it. The docker provider
+/// comes back too, for its start-up and shutdown clean-ups.
+async fn build_engine(cli: &Cli) -> anyhow::Result<(Engine, Option<Arc<DockerProvider>>)> {
+    let mut config = config::load(&cli.workspace_config_path)?;
     let cache_dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    let layer_mode = match cli.layers {
-        LayersFlag::Auto => LayerMode::Auto,
-        LayersFlag::Overlay => LayerMode::Overlay,
-        LayersFlag::Copy => LayerMode::Copy,
+    let (provider, docker): (Arc<dyn Provider>, _) = match cli.provisioning_mode {
+        ProvisioningMode::Docker => {
+            // The default image enters the configuration, and with it the base layer key, so
+            // derricks with different defaults never share layers.
+            let base_image = config
+                .base_image
+                .get_or_insert_with(|| cli.base_image.clone());
+            let options = DockerOptions {
+                cache_dir: cache_dir.clone(),
+                state_dir: state_dir.clone(),
+                base_image: base_image.clone(),
+                settings: config.docker.clone(),
+                spare_containers: usize::try_from(cli.spare_containers).unwrap_or(1),
+            };
+            let docker = Arc::new(
+                DockerProvider::connect(options)
+                    .await
+                    .context("cannot start the docker provider")?,
+            );
+            (docker.clone() as Arc<dyn Provider>, Some(docker))
+        }
+        _ => (
+            Arc::new(local_provider(cli, &cache_dir)?) as Arc<dyn Provider>,
+            None,
+        ),
     };
-    let provider = LocalProvider::new(LocalOptions {
-        cache_dir: cache_dir.clone(),
-        layer_mode,
-    })
-    .with_context(|| format!("cannot start the local provider in {}", cache_dir.display()))?;
-    info!(provider = %crate::engine::Provider::kind(&provider), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
+    info!(provider = %provider.kind(), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
 
     let options = EngineOptions {
         config,
@@ -277,7 +322,20 @@ fn build_engine(cli: &Cli) -> anyhow::Result<Engine> {
         state_dir,
         setup_timeout: cli.setup_timeout.map(Duration::from_secs),
     };
-    Ok(Engine::new(options, Arc::new(provider))?)
+    Ok((Engine::new(options, provider)?, docker))
+}
+
+fn local_provider(cli: &Cli, cache_dir: &std::path::Path) -> anyhow::Result<LocalProvider> {
+    let layer_mode = match cli.layers {
+        LayersFlag::Auto => LayerMode::Auto,
+        LayersFlag::Overlay => LayerMode::Overlay,
+        LayersFlag::Copy => LayerMode::Copy,
+    };
+    LocalProvider::new(LocalOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        layer_mode,
+    })
+    .with_context(|| format!("cannot start the local provider in {}", cache_dir.display()))
 }
 
 /// Serves the engine over the chosen transport until `shutdown`.

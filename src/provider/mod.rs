@@ -6,4 +6,6 @@
 //! Invariant: implementations never import each other, and they use only the trait and its types
 //! from `engine`, never the engine's logic.
 
+pub mod docker;
 pub mod local;
+pub(crate) mod output;

@@ -81,10 +81,6 @@ fn unbuilt_modes_exit_cleanly() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quickstart.json");
     let cases = [
         (
-            vec!["-p", "docker", "-w", fixture],
-            "`docker` is not available",
-        ),
-        (
             vec!["-p", "remote_nats", "-w", fixture],
             "`remote_nats` is not available",
         ),

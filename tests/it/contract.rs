@@ -1,14 +1,15 @@
 //! The wire contract, run over HTTP and over NATS alike.
 //!
-//! Each case is one async function that takes the transport, and `contract!` makes two tests of
-//! it: `contract::<case>::http` and `contract::<case>::nats`. The cases send HTTP paths through
+//! Each case is one async function that takes the transport and the provider, and `contract!`
+//! makes three tests of it: `contract::<case>::http` and `contract::<case>::nats` with the local
+//! provider, and `contract::<case>::docker` with the docker provider over HTTP. The cases send HTTP paths through
 //! `Derrick::request`. Over NATS, it sends the same operation to its subject and returns the reply
 //! with the HTTP status of its error code, so both transports must give the same statuses, codes
 //! and bodies.
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, Reply, Transport, config};
+use crate::support::derrick::{Derrick, ProviderKind, Reply, Transport, config};
 use crate::support::repos::TestRepo;
 
 /// Makes an HTTP and a NATS test of each case.
@@ -16,16 +17,21 @@ macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         $(
             mod $case {
-                use crate::support::derrick::Transport;
+                use crate::support::derrick::{ProviderKind, Transport};
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn http() {
-                    super::$case(Transport::Http).await;
+                    super::$case(Transport::Http, ProviderKind::Local).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn nats() {
-                    super::$case(Transport::Nats).await;
+                    super::$case(Transport::Nats, ProviderKind::Local).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn docker() {
+                    super::$case(Transport::Http, ProviderKind::Docker).await;
                 }
             }
         )*
@@ -63,9 +69,13 @@ fn check_error(reply: &Reply, status: u16, code: &str, label: &str) {
     assert!(!message.is_empty(), "{label}: no message in {}", reply.body);
 }
 
-async fn health_and_states(transport: Transport) {
+async fn health_and_states(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
 
     let health = check_ok(derrick.get("/health").await, "health");
     assert_eq!(health, json!({ "healthy": true }));
@@ -79,11 +89,12 @@ async fn health_and_states(transport: Transport) {
     );
 }
 
-async fn lifecycle(transport: Transport) {
+async fn lifecycle(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
     let head = repository.head();
-    let derrick = Derrick::start_over(
+    let derrick = Derrick::start_for(
         transport,
+        provider,
         &config(repository.path().display(), "echo set > setup.txt"),
     );
 
@@ -193,16 +204,20 @@ async fn lifecycle(transport: Transport) {
         json!({ "workspaces": [] })
     );
     assert!(
-        !derrick.workspace_root(&id).exists(),
-        "destroy leaves the workspace folder"
+        !derrick.workspace_exists(&id),
+        "destroy leaves the workspace's folder or container"
     );
 }
 
-async fn files_round_trip_exact_bytes(transport: Transport) {
+async fn files_round_trip_exact_bytes(transport: Transport, provider: ProviderKind) {
     use base64::Engine as _;
 
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     // Every byte value four times, with MIME line breaks in the base64 text.
     let content: Vec<u8> = (0..1024).map(|index| (index % 256) as u8).collect();
@@ -235,9 +250,13 @@ async fn files_round_trip_exact_bytes(transport: Transport) {
     );
 }
 
-async fn request_errors_have_codes(transport: Transport) {
+async fn request_errors_have_codes(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     let on = |operation: &str| format!("/workspaces/{id}/{operation}");
     let missing = "/workspaces/ws-00000000000000000000000000000000";
@@ -357,9 +376,16 @@ async fn request_errors_have_codes(transport: Transport) {
     }
 }
 
-async fn command_failure_carries_exit_code_and_output(transport: Transport) {
+async fn command_failure_carries_exit_code_and_output(
+    transport: Transport,
+    provider: ProviderKind,
+) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     let cmd = json!({ "cmd": "echo out; echo err >&2; exit 3" });
 
@@ -390,10 +416,11 @@ async fn command_failure_carries_exit_code_and_output(transport: Transport) {
     assert_eq!(timed_out["output"], "started\n");
 }
 
-async fn failed_workspace_refuses_operations(transport: Transport) {
+async fn failed_workspace_refuses_operations(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(
+    let derrick = Derrick::start_for(
         transport,
+        provider,
         &config(repository.path().display(), "echo before; exit 5"),
     );
     let failed = derrick.request("POST", "/workspaces", None).await;

@@ -62,7 +62,7 @@ use async_trait::async_trait;
 use tokio::task;
 use tracing::warn;
 
-pub use exec::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
+pub use crate::provider::output::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
 
 use self::layout::Layout;
 use self::processes::Tracker;

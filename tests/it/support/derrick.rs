@@ -17,10 +17,13 @@ use derrick::error::Error;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-// The NATS server helper is a child module of this file, because the benchmark includes this
+// The NATS server and Docker helpers are child modules of this file, because the benchmark includes this
 // file alone by `#[path]`. The tests reach it as `support::nats`, a re-export.
 #[path = "nats.rs"]
 pub mod nats;
+
+#[path = "docker.rs"]
+pub mod docker;
 
 use nats::NatsServer;
 
@@ -34,6 +37,14 @@ const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
 /// The log line after which derrick replies to NATS requests.
 const NATS_READY: &str = "serving nats requests";
 
+/// Where derrick creates workspaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Local,
+    /// Containers of the test image, on the machine's Docker engine.
+    Docker,
+}
+
 /// How a test reaches derrick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -44,6 +55,13 @@ pub enum Transport {
 /// A running derrick and its folders; SIGTERM and wait on drop.
 pub struct Derrick {
     child: Child,
+    provider: ProviderKind,
+    /// The configuration name, unique for docker derricks so that their layer images can be
+    /// removed when the test ends.
+    config_name: String,
+    /// The scope label of a docker derrick's containers, removed when the test ends unless
+    /// the derrick crashed and the test takes its containers over.
+    docker_scope: Option<String>,
     link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
@@ -120,6 +138,60 @@ impl Derrick {
         }
     }
 
+    /// Starts derrick over `transport` with `provider`. A docker derrick gets the test image as
+    /// its base image and a configuration name of its own.
+    pub fn start_for(transport: Transport, provider: ProviderKind, config: &Value) -> Derrick {
+        Self::start_provider(transport, provider, config, &[], &[])
+    }
+
+    /// Like `start_for`, with extra flags and environment variables.
+    pub fn start_provider(
+        transport: Transport,
+        provider: ProviderKind,
+        config: &Value,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Derrick {
+        if provider == ProviderKind::Local {
+            return match transport {
+                Transport::Http => Self::start_with(config, args, env),
+                Transport::Nats => Self::start_nats(NatsServer::start(), config, args, env),
+            };
+        }
+        let image = docker::test_image();
+        let mut config = config.clone();
+        let name = format!("it-{}", uuid_like());
+        config["name"] = json!(name);
+        let mut flags = vec!["-p", "docker", "--base-image", image];
+        flags.extend_from_slice(args);
+        let nats = (transport == Transport::Nats).then(NatsServer::start);
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let config_path = folder.path().join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config).expect("json"),
+        )
+        .expect("write config");
+        let mut derrick = Self::launch(folder, &config_path, nats, &flags, env);
+        derrick.provider = ProviderKind::Docker;
+        derrick.config_name = name;
+        derrick.docker_scope = Some(derrick::provider::docker::scope_of(&derrick.state_dir()));
+        derrick
+    }
+
+    /// Returns where this derrick creates workspaces.
+    pub fn provider(&self) -> ProviderKind {
+        self.provider
+    }
+
+    /// Tells whether workspace `id` still has its folder (local) or container (docker).
+    pub fn workspace_exists(&self, id: &str) -> bool {
+        match self.provider {
+            ProviderKind::Local => self.workspace_root(id).exists(),
+            ProviderKind::Docker => docker::container_exists(id),
+        }
+    }
+
     /// Starts derrick with `-s nats` against `server`, with the server's token if it has one,
     /// and extra flags and environment variables. The derrick owns the server from now on.
     pub fn start_nats(
@@ -146,7 +218,9 @@ impl Derrick {
         env: &[(&str, &str)],
     ) -> Derrick {
         let mut command = Command::new(env!("CARGO_BIN_EXE_derrick"));
-        command.args(["-p", "local"]);
+        if !args.contains(&"-p") {
+            command.args(["-p", "local"]);
+        }
         match &nats {
             None => command.args(["-s", "http", "--listen", "127.0.0.1:0"]),
             Some(server) => command.args(nats_args(server)),
@@ -201,6 +275,9 @@ impl Derrick {
         };
         Derrick {
             child,
+            provider: ProviderKind::Local,
+            config_name: String::new(),
+            docker_scope: None,
             link,
             log,
             folder,
@@ -402,8 +479,10 @@ impl Derrick {
         self.child.try_wait().expect("wait for derrick")
     }
 
-    /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart.
+    /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart. The
+    /// containers of a docker derrick stay for the test to take over.
     pub fn crash(mut self) -> TempDir {
+        self.docker_scope = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
         let folder = tempfile::tempdir().expect("temporary folder");
@@ -445,7 +524,19 @@ impl Drop for Derrick {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.stop();
         }
+        if let Some(scope) = &self.docker_scope {
+            docker::remove_containers_of(scope);
+        }
+        if self.provider == ProviderKind::Docker {
+            docker::remove_layers_of(&self.config_name);
+        }
     }
+}
+
+/// Returns 16 random hex digits, from the kernel's random source.
+fn uuid_like() -> String {
+    let bytes = std::fs::read("/proc/sys/kernel/random/uuid").expect("read a random uuid");
+    String::from_utf8_lossy(&bytes).trim().replace('-', "")[..16].to_owned()
 }
 
 /// Collects derrick's stderr into the log on a thread, and sends what follows `ready_marker` on
