@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod contract;
 mod credentials;
+mod docker;
 mod files;
 mod git_server;
 mod nats;
