@@ -6,7 +6,7 @@
 //! - `transport`: the HTTP server over the service core.
 //! - `api`: the wire types of the HTTP and NATS contract.
 //! - `engine`: the service core; drives workspaces through the state machine over a provider.
-//! - `provider`: the implementations of `engine::Provider` (`local`).
+//! - `provider`: the implementations of `engine::Provider` (`local`, `docker`).
 //! - `git`: host mirrors and checkouts out of them (the only user of git2).
 //! - `paths`: resolution of request paths inside a workspace root.
 //! - `config`, `states`, `keys`, `error`: configuration, the state machine, layer keys, errors.

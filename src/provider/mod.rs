@@ -3,6 +3,9 @@
 //! Each implementation lives in a module of its own and is named only by the command line; the
 //! engine sees an `Arc<dyn Provider>`.
 //!
+//! `output` holds what both implementations share: the cap on a command's output and the buffer
+//! that keeps its tail.
+//!
 //! Invariant: implementations never import each other, and they use only the trait and its types
 //! from `engine`, never the engine's logic.
 

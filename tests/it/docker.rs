@@ -225,7 +225,7 @@ async fn symbolic_links_cannot_leave_workspace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_leaves_workspace_that_adopt_takes_back() {
+async fn adopt_takes_back_crashed_workspace() {
     let repository = sample_repository();
     let (derrick, id) = started(&repository).await;
     derrick.output(&id, "echo kept > notes.txt").await;
@@ -286,6 +286,16 @@ async fn crash_leaves_workspace_that_adopt_takes_back() {
 
     provider.destroy(&workspace).await.expect("destroy");
     assert!(!docker::container_exists(&id));
+
+    // The cache lists the workspace's layers with their sizes and drops one on request.
+    let setup = layers.last().expect("setup layer");
+    let sizes = provider.layer_sizes().await.expect("layer sizes");
+    let listed = sizes.iter().find(|(meta, _)| meta.key == *setup);
+    let (meta, size) = listed.expect("the setup layer is listed");
+    assert_eq!(meta.parent.as_ref(), Some(&layers[1]));
+    assert!(*size > 0, "size {size}");
+    provider.remove_layer(setup).await.expect("remove layer");
+    assert_eq!(provider.layer(setup).await.expect("layer"), None);
     drop(cache_dir);
     docker::remove_containers_of(&derrick::provider::docker::scope_of(&state_dir));
     let name = record["name"].as_str().expect("name").to_owned();
@@ -310,7 +320,7 @@ async fn unreachable_engine_is_start_up_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_base_image_names_it_and_the_fix() {
+async fn missing_base_image_names_fix() {
     // A registry on a loopback port of this test that closes every connection, so the pull
     // fails at once without leaving the machine.
     let registry = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -43,7 +43,7 @@ pub(super) fn name_of(id: &WorkspaceId) -> String {
     format!("derrick-{id}")
 }
 
-/// What every new container gets: scope label and resource settings.
+/// The settings of every new container: its scope label and resource limits.
 #[derive(Debug, Clone)]
 pub(super) struct Template {
     pub scope: String,
@@ -212,8 +212,8 @@ pub(super) async fn remove(docker: &Docker, container: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes a container in the background, logging a failure; for containers that nothing waits
-/// for any more (the old container of a reset, spares at shutdown).
+/// Removes a container in the background and logs a failure. It serves containers that no
+/// request waits for, such as the old container of a reset.
 pub(super) fn remove_later(docker: &Docker, container: String) {
     let docker = docker.clone();
     tokio::spawn(async move {
@@ -258,7 +258,7 @@ pub(super) async fn list(docker: &Docker, scope: &str) -> Result<Vec<Listed>> {
         .collect())
 }
 
-/// What adoption needs of an existing container.
+/// The parts of a container's inspection that adoption reads.
 pub(super) struct Inspected {
     pub id: String,
     pub labels: HashMap<String, String>,

@@ -7,8 +7,9 @@
 //! command (`DERRICK_COMMAND_ID`).
 //!
 //! The Docker API cannot kill an exec. So when the timeout expires, derrick replies at once and
-//! starts a second exec that sends SIGTERM to every process in the sessions and process groups of
-//! the processes that carry the marker, waits [`KILL_GRACE`], and sends SIGKILL to what is left.
+//! starts a second exec. It finds the processes that carry the marker and every process in their
+//! sessions and process groups, sends them SIGTERM, waits [`KILL_GRACE`], and sends SIGKILL to
+//! what is left.
 //! A process that both leaves the command's session and clears its environment escapes that
 //! search; it ends at the next reset or destroy, which replace the container.
 //!
@@ -30,7 +31,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::WORKSPACE_ROOT;
-use super::client::{API_TIMEOUT, bounded, bounded_optional, failed};
+use super::client::{API_TIMEOUT, TRANSFER_TIMEOUT, bounded, bounded_optional, failed};
 use crate::engine::{ExecOutput, ExecRequest, WorkspaceId};
 use crate::error::{Error, Result};
 use crate::provider::output::{
@@ -213,18 +214,46 @@ pub(super) async fn kill(
         Some(marker) => ("command", marker),
         None => ("all", ""),
     };
+    let cmd = ["/bin/sh", "-c", KILL_SCRIPT, "sh", mode, marker];
+    let mut cmd: Vec<String> = cmd.iter().map(|part| (*part).to_owned()).collect();
+    cmd.push(grace.as_secs().to_string());
+    // A container that is gone has no processes left to kill.
+    helper(docker, container, cmd, API_TIMEOUT + grace).await?;
+    Ok(())
+}
+
+/// Removes the folder `path` of the container with `rm -rf`.
+///
+/// # Errors
+/// `internal` naming the folder when `rm` fails or the container is gone.
+pub(super) async fn remove_tree(docker: &Docker, container: &str, path: &str) -> Result<()> {
+    let cmd = ["rm", "-rf", "--", path].map(str::to_owned).to_vec();
+    let Some((exec, message)) = helper(docker, container, cmd, TRANSFER_TIMEOUT).await? else {
+        return Err(Error::Internal(format!(
+            "cannot remove `{path}`: container {container} is gone"
+        )));
+    };
+    if exit_code(docker, &exec).await? == Some(0) {
+        return Ok(());
+    }
+    Err(Error::Internal(format!(
+        "cannot remove `{path}` in container {container}: {}",
+        String::from_utf8_lossy(&message).trim()
+    )))
+}
+
+/// Runs one of derrick's own commands in `container` and waits up to `limit` for its output
+/// to end. Returns the exec id and the output, or `None` when the container does not exist.
+async fn helper(
+    docker: &Docker,
+    container: &str,
+    cmd: Vec<String>,
+    limit: Duration,
+) -> Result<Option<(String, Vec<u8>)>> {
     let options = CreateExecOptions {
         attach_stdout: Some(true),
         attach_stderr: Some(true),
-        cmd: Some(vec![
-            "/bin/sh".to_owned(),
-            "-c".to_owned(),
-            KILL_SCRIPT.to_owned(),
-            "sh".to_owned(),
-            mode.to_owned(),
-            marker.to_owned(),
-            grace.as_secs().to_string(),
-        ]),
+        cmd: Some(cmd),
         ..Default::default()
     };
     let Some(created) = bounded_optional(
@@ -235,25 +264,31 @@ pub(super) async fn kill(
     )
     .await?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let started = bounded(
         "start exec",
         container,
-        API_TIMEOUT + grace,
+        API_TIMEOUT,
         docker.start_exec(&created.id, None::<StartExecOptions>),
     )
     .await?;
+    let mut message = Vec::new();
     if let StartExecResults::Attached { mut output, .. } = started {
-        let drained = async { while output.next().await.is_some() {} };
-        if tokio::time::timeout(API_TIMEOUT + grace, drained)
-            .await
-            .is_err()
-        {
-            warn!(container, "killing processes took longer than expected");
+        let read = async {
+            while let Some(Ok(chunk)) = output.next().await {
+                message.extend_from_slice(&chunk.into_bytes());
+            }
+        };
+        if tokio::time::timeout(limit, read).await.is_err() {
+            return Err(Error::ProviderUnavailable(format!(
+                "a helper command in container {container} did not end within {} s; check \
+                 that dockerd is responsive",
+                limit.as_secs()
+            )));
         }
     }
-    Ok(())
+    Ok(Some((created.id, message)))
 }
 
 /// Kills a command whose reply was abandoned (a timeout, or a client that went away) unless
@@ -365,7 +400,7 @@ fn check_command(cmd: &str) -> Result<()> {
         )));
     }
     // TODO: pass longer commands on the exec's stdin, as the local provider passes them through
-    // a memory file; this needs a half-close of the attached connection that bollard lacks.
+    // a memory file. That needs a half-close of the attached connection, which bollard lacks.
     if cmd.len() > MAX_COMMAND_BYTES {
         return Err(Error::invalid_request(format!(
             "`cmd` is {} bytes, over the limit of {MAX_COMMAND_BYTES} bytes for one argument in \
@@ -399,50 +434,4 @@ fn environment(
         .into_iter()
         .map(|(name, value)| format!("{name}={value}"))
         .collect()
-}
-
-/// Removes the folder `path` of the container with `rm -rf`.
-///
-/// # Errors
-/// `internal` naming the folder when `rm` fails.
-pub(super) async fn remove_tree(docker: &Docker, container: &str, path: &str) -> Result<()> {
-    let options = CreateExecOptions {
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        cmd: Some(vec![
-            "rm".to_owned(),
-            "-rf".to_owned(),
-            "--".to_owned(),
-            path.to_owned(),
-        ]),
-        ..Default::default()
-    };
-    let created = bounded(
-        "create exec",
-        container,
-        API_TIMEOUT,
-        docker.create_exec(container, options),
-    )
-    .await?;
-    let started = bounded(
-        "start exec",
-        container,
-        API_TIMEOUT,
-        docker.start_exec(&created.id, None::<StartExecOptions>),
-    )
-    .await?;
-    let mut message = Vec::new();
-    if let StartExecResults::Attached { mut output, .. } = started {
-        while let Some(Ok(chunk)) = output.next().await {
-            message.extend_from_slice(&chunk.into_bytes());
-        }
-    }
-    let exit = exit_code(docker, &created.id).await?;
-    match exit {
-        Some(0) => Ok(()),
-        _ => Err(Error::Internal(format!(
-            "cannot remove `{path}` in container {container}: {}",
-            String::from_utf8_lossy(&message).trim()
-        ))),
-    }
 }

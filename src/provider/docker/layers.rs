@@ -220,8 +220,9 @@ pub(super) async fn list(docker: &Docker) -> Result<Vec<(LayerMeta, u64)>> {
 /// Removing a missing layer succeeds.
 pub(super) async fn remove(docker: &Docker, key: &LayerKey) -> Result<()> {
     let image = image_of(key);
+    // Without `force` the engine refuses to untag an image that a container runs.
     let options = RemoveImageOptions {
-        force: false,
+        force: true,
         noprune: false,
         ..Default::default()
     };
@@ -250,7 +251,7 @@ fn labels_of(meta: &LayerMeta) -> HashMap<String, String> {
         (LABEL_COMMITS.to_owned(), commits),
         (LABEL_CREATED.to_owned(), meta.created_at.clone()),
     ]);
-    // An image inherits its parent's labels, so a layer without a parent says so explicitly.
+    // An image inherits its parent's labels, so a layer without a parent sets an empty one.
     let parent = meta.parent.as_ref().map(LayerKey::as_str).unwrap_or("");
     labels.insert(LABEL_PARENT.to_owned(), parent.to_owned());
     labels

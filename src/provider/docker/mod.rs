@@ -1,8 +1,8 @@
 //! The `docker` provider: workspaces are containers, layers are images, through bollard.
 //!
 //! - A layer is the image `derrick-layer:<key>`, labelled with its metadata (`layers`). The base
-//!   layer is the configured base image committed once under derrick's tag; the repositories and
-//!   setup layers are commits of the workspace container that built them.
+//!   layer is the configured base image, committed once under derrick's tag. The repositories
+//!   and setup layers are commits of the workspace container that built them.
 //! - A workspace is a container of its top layer named `derrick-<workspace id>` (`containers`).
 //!   Its files live under [`WORKSPACE_ROOT`]; a repository at `/code/app` is at
 //!   `/workspace/code/app`, and `HOME` is the root, as in the local provider.
@@ -88,7 +88,7 @@ pub struct DockerProvider {
     workspaces: Mutex<HashMap<WorkspaceId, Arc<Workspace>>>,
 }
 
-/// What the provider tracks of one workspace.
+/// The provider's view of one workspace: its container, layers and running commands.
 #[derive(Debug)]
 struct Workspace {
     /// The container id and the layer stack; locked only briefly.
@@ -112,17 +112,26 @@ impl DockerProvider {
         let docker = client::connect().await?;
         layers::ensure_image(&docker, &options.base_image).await?;
         let temporary = options.cache_dir.join("docker-tmp");
-        let created = temporary.clone();
-        tokio::task::spawn_blocking(move || {
+        let (created, state_dir) = (temporary.clone(), options.state_dir.clone());
+        let scope = tokio::task::spawn_blocking(move || {
             // Checkouts left by a crash are only clutter; remove them before reuse.
             let _ = std::fs::remove_dir_all(&created);
-            std::fs::create_dir_all(&created)
+            std::fs::create_dir_all(&created)?;
+            // The scope comes from the canonical path, so the folder must exist first.
+            std::fs::create_dir_all(&state_dir)?;
+            Ok::<_, std::io::Error>(scope_of(&state_dir))
         })
         .await?
         .map_err(|error| {
-            Error::internal(format!("cannot create {}", temporary.display()), error)
+            Error::internal(
+                format!(
+                    "cannot create {} or {}",
+                    temporary.display(),
+                    options.state_dir.display()
+                ),
+                error,
+            )
         })?;
-        let scope = scope_of(&options.state_dir);
         info!(provider = "docker", scope = %scope, base_image = %options.base_image, "docker engine connected");
         Ok(DockerProvider {
             docker,
@@ -140,8 +149,8 @@ impl DockerProvider {
     }
 
     /// Takes back the container of a workspace that an earlier derrick left, starting it if it
-    /// stopped. Returns `false` when the container is gone or belongs to another state folder,
-    /// or its image is not the workspace's top layer; the caller then destroys the workspace.
+    /// stopped. Returns `false` when the container is gone, belongs to another state folder or
+    /// runs an image outside the workspace's layers. The caller then destroys the workspace.
     pub async fn adopt(&self, id: &WorkspaceId, layers: &[LayerKey]) -> Result<bool> {
         let Some(top) = layers.last() else {
             return Ok(false);
@@ -151,8 +160,8 @@ impl DockerProvider {
             return Ok(false);
         };
         let ours = found.labels.get(LABEL_SCOPE) == Some(&self.scope);
-        // A reset replaces the container by one of the top layer; the container of a workspace
-        // whose layers grew since it started (clone, setup) carries an older key.
+        // A workspace's container runs one of its layers: the top one after a reset, a lower
+        // one when the clone and setup built the layers above it in that container.
         let image_known = found
             .labels
             .get(LABEL_LAYER)
@@ -173,7 +182,8 @@ impl DockerProvider {
         layers::list(&self.docker).await
     }
 
-    /// Removes layer `key` from the cache; containers that use it keep working.
+    /// Removes the tag of layer `key` from the cache. The engine frees the image's data once no
+    /// container and no image of a higher layer uses it, so running workspaces keep working.
     pub async fn remove_layer(&self, key: &LayerKey) -> Result<()> {
         layers::remove(&self.docker, key).await
     }
@@ -240,10 +250,15 @@ impl DockerProvider {
         Ok((workspace, state))
     }
 
-    /// Returns a ready container of layer `key`: a spare renamed to `name`, or a new one.
-    async fn container_of(&self, key: &LayerKey, name: &str) -> Result<String> {
+    /// Returns a ready container of the top layer of `layers`: a spare renamed to `name`, or a
+    /// new one. Only setup layers get spares, because workspaces start on lower layers only
+    /// while those are built, once per configuration.
+    async fn container_of(&self, layers: &[LayerKey], name: &str) -> Result<String> {
+        let key = layers.last().ok_or_else(|| {
+            Error::invalid_request(format!("container {name} needs at least a base layer"))
+        })?;
         let spare = self.spares.take(key);
-        if self.spare_target > 0 {
+        if self.spare_target > 0 && is_setup_stack(layers) {
             self.spares
                 .refill(&self.docker, &self.template, key, self.spare_target);
         }
@@ -289,12 +304,7 @@ impl Provider for DockerProvider {
     }
 
     async fn provision(&self, id: &WorkspaceId, layers: &[LayerKey]) -> Result<()> {
-        let Some(top) = layers.last() else {
-            return Err(Error::invalid_request(format!(
-                "workspace {id} needs at least a base layer"
-            )));
-        };
-        let container = self.container_of(top, &name_of(id)).await?;
+        let container = self.container_of(layers, &name_of(id)).await?;
         self.insert(id, container, layers.to_vec());
         Ok(())
     }
@@ -315,8 +325,8 @@ impl Provider for DockerProvider {
 
     async fn snapshot(&self, id: &WorkspaceId, meta: &LayerMeta) -> Result<()> {
         let (workspace, state) = self.state(id)?;
-        // Processes that the setup left running would not be in the image anyway; ending them
-        // here makes the building workspace match the containers started from the image later.
+        // Processes that the setup left running are not part of the image. Ending them makes the
+        // building workspace match the containers that later start from the image.
         exec::kill(&self.docker, &state.container, None, Duration::ZERO).await?;
         layers::commit(&self.docker, &state.container, meta).await?;
         workspace
@@ -397,13 +407,9 @@ impl Provider for DockerProvider {
 
     async fn reset(&self, id: &WorkspaceId) -> Result<()> {
         let (workspace, state) = self.state(id)?;
-        let top =
-            state.layers.last().cloned().ok_or_else(|| {
-                Error::Internal(format!("workspace {id} has no layers to reset to"))
-            })?;
         let discarded = format!("derrick-discarded-{}", uuid::Uuid::new_v4().simple());
         containers::rename(&self.docker, &state.container, &discarded).await?;
-        let container = self.container_of(&top, &name_of(id)).await?;
+        let container = self.container_of(&state.layers, &name_of(id)).await?;
         workspace
             .state
             .lock()
@@ -433,10 +439,18 @@ impl Provider for DockerProvider {
     }
 }
 
+/// Tells whether `layers` ends in a setup layer: the engine stacks base, repositories and setup,
+/// and a complete workspace runs on all three.
+fn is_setup_stack(layers: &[LayerKey]) -> bool {
+    layers.len() == 3
+}
+
 /// Returns the scope label value of a state folder: the first 16 hex digits of the SHA-256 of
-/// its absolute path.
+/// its canonical path (its absolute path while it does not exist).
 pub fn scope_of(state_dir: &Path) -> String {
-    let absolute = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let absolute = std::fs::canonicalize(state_dir)
+        .or_else(|_| std::path::absolute(state_dir))
+        .unwrap_or_else(|_| state_dir.to_path_buf());
     let digest = Sha256::digest(absolute.as_os_str().as_encoded_bytes());
     hex::encode(digest)[..16].to_owned()
 }

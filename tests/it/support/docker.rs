@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 /// The base image of docker workspaces in tests: busybox and git, nothing pulled.
 pub const TEST_IMAGE: &str = "derrick-test/base:1";
 
-/// Builds the test image if it is missing and returns its reference. Fails the test with what
-/// to start when no engine answers.
+/// Builds the test image if it is missing and returns its reference. Fails the test, naming what
+/// to start, when no engine responds.
 pub fn test_image() -> &'static str {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -77,9 +77,9 @@ pub fn remove_containers_of(scope: &str) {
     }
 }
 
-/// Removes the repositories and setup layer images that a test's configuration `name` built;
-/// the configuration names of docker tests are unique, so no other test's images go. Base layers
-/// stay: their key depends only on the base image, so every docker test shares one.
+/// Removes the repositories and setup layer images that a test's configuration `name` built.
+/// Each docker test has a configuration name of its own, so no other test loses an image. Base
+/// layers stay, because their key depends only on the base image and every docker test shares it.
 pub fn remove_layers_of(name: &str) {
     let mut ids = Vec::new();
     // A child image goes before its parent, as the engine requires.
