@@ -222,6 +222,19 @@ async fn symbolic_links_cannot_leave_workspace() {
         .await;
     assert_eq!(written.body["error"]["code"], "path_outside_workspace");
     assert_eq!(docker::exec(&id, &["ls", "/etc/escape"]), "");
+
+    // A file used as a folder: nothing to read there, and nothing can be written.
+    let below_file = read("code/app/README.md/x").await;
+    assert_eq!(below_file.status, 404, "{}", below_file.body);
+    assert_eq!(below_file.body["error"]["code"], "file_not_found");
+    let written = derrick
+        .post(
+            &format!("/workspaces/{id}/write_file"),
+            json!({ "path": "code/app/README.md/x", "content": "aGk=" }),
+        )
+        .await;
+    assert_eq!(written.status, 400, "{}", written.body);
+    assert_eq!(written.body["error"]["code"], "invalid_request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

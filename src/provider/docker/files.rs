@@ -51,6 +51,8 @@ pub(super) struct Resolved {
     components: Vec<String>,
     existing: usize,
     last: Option<Stat>,
+    /// Whether a component before the last is a file, so the path cannot exist.
+    under_file: bool,
 }
 
 /// The parts of the engine's path stat that derrick uses.
@@ -117,7 +119,7 @@ pub(super) async fn read(
 ) -> Result<Vec<u8>> {
     let resolved = resolve(docker, container, path, working_dir).await?;
     check_names_file(path, "read_file reads files")?;
-    let Some(stat) = resolved.last else {
+    let Some(stat) = resolved.last.filter(|_| !resolved.under_file) else {
         return Err(Error::FileNotFound {
             id: id.to_string(),
             path: abbreviated(path),
@@ -172,6 +174,12 @@ pub(super) async fn write(
 ) -> Result<()> {
     let resolved = resolve(docker, container, path, working_dir).await?;
     check_names_file(path, "write_file writes files")?;
+    if resolved.under_file {
+        return Err(Error::invalid_request(format!(
+            "a parent of `{}` is a file; write_file needs folders there",
+            abbreviated(path)
+        )));
+    }
     let mode = match resolved.last {
         Some(stat) if stat.is_directory() => {
             return Err(Error::invalid_request(format!(
@@ -240,9 +248,9 @@ pub(super) async fn download(
 /// Resolves `path` (absolute from the workspace root, or relative to `working_dir`).
 ///
 /// # Errors
-/// `path_outside_workspace` when `..` or a symbolic link leaves the root; `invalid_request` for
-/// a NUL byte, too many links, names or paths over Linux's limits, a parent that is a file, or a
-/// `working_dir` that is missing or not a folder.
+/// `path_outside_workspace` when `..` or a symbolic link leaves the root. `invalid_request` for
+/// a NUL byte, too many links, names or paths over Linux's limits, or a `working_dir` that is
+/// missing or not a folder. A path below a file resolves, marked as under a file.
 pub(super) async fn resolve(
     docker: &Docker,
     container: &str,
@@ -286,6 +294,7 @@ async fn walk(docker: &Docker, container: &str, start: &[String], path: &str) ->
         mode: MODE_DIRECTORY,
         size: 0,
     });
+    let mut under_file = false;
     while let Some(step) = steps.pop_front() {
         let name = match step {
             Step::Parent => {
@@ -296,10 +305,8 @@ async fn walk(docker: &Docker, container: &str, start: &[String], path: &str) ->
             Step::Name(name) => name,
         };
         if last.is_some_and(|stat| !stat.is_directory()) && !missing {
-            return Err(Error::invalid_request(format!(
-                "a parent of `{}` is a file, not a directory",
-                abbreviated(path)
-            )));
+            under_file = true;
+            missing = true;
         }
         components.push(name);
         if missing {
@@ -341,6 +348,7 @@ async fn walk(docker: &Docker, container: &str, start: &[String], path: &str) ->
         existing: existing.min(components.len()),
         components,
         last,
+        under_file,
     })
 }
 
