@@ -32,9 +32,8 @@ use crate::paths::{
 /// Go's `os.FileMode` bits in the engine's path stat.
 const MODE_DIRECTORY: u32 = 1 << 31;
 const MODE_SYMLINK: u32 = 1 << 27;
-/// Every type bit of `os.FileMode`: directory, append-only, exclusive, temporary, symbolic link,
-/// device, named pipe, socket, setuid, setgid, character device, sticky and irregular. The
-/// permission bits are the low nine.
+/// The bits of `os.FileMode` that mark anything but a regular file: directory, symbolic link,
+/// device, named pipe, socket, character device and irregular.
 const MODE_TYPE: u32 =
     MODE_DIRECTORY | MODE_SYMLINK | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19);
 
@@ -74,6 +73,16 @@ impl Stat {
 
     fn is_regular(self) -> bool {
         self.mode & MODE_TYPE == 0
+    }
+
+    /// Returns the Unix permission bits. `os.FileMode` keeps the low nine where Unix does but
+    /// moves setuid, setgid and sticky to bits 23, 22 and 20.
+    fn permissions(self) -> u32 {
+        let special = [(1 << 23, 0o4000), (1 << 22, 0o2000), (1 << 20, 0o1000)];
+        special
+            .iter()
+            .filter(|(go_bit, _)| self.mode & go_bit != 0)
+            .fold(self.mode & 0o777, |mode, (_, unix_bit)| mode | unix_bit)
     }
 }
 
@@ -186,7 +195,7 @@ pub(super) async fn write(
                 "`{path}` is a directory; write_file writes files"
             )));
         }
-        Some(stat) if stat.is_regular() => stat.mode & 0o7777,
+        Some(stat) if stat.is_regular() => stat.permissions(),
         Some(_) => {
             return Err(Error::invalid_request(format!(
                 "`{path}` is not a regular file; write_file replaces only regular files"
@@ -503,5 +512,13 @@ mod tests {
         assert!(!directory.is_regular());
         assert!(!fifo.is_regular());
         assert!(!fifo.is_directory());
+
+        let setuid = Stat {
+            mode: (1 << 23) | 0o755,
+            size: 1,
+        };
+        assert!(setuid.is_regular());
+        assert_eq!(setuid.permissions(), 0o4755);
+        assert_eq!(regular.permissions(), 0o644);
     }
 }

@@ -4,7 +4,7 @@
 //! A layer `K` is the image `derrick-layer:K`. Its labels carry the key, the kind, the state the
 //! layer stands for, the parent key, the configuration name, the commits of its repositories and
 //! its creation time, so the cache can be read from the engine alone. A commit creates the image
-//! and its tag in one call, so a half-built layer is never tagged; a failed setup is never
+//! and its tag in one call, so a half-built layer is never tagged. A failed setup is never
 //! committed at all.
 
 use std::collections::{BTreeMap, HashMap};
