@@ -37,6 +37,13 @@ const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
 /// The log line after which derrick replies to NATS requests.
 const NATS_READY: &str = "serving nats requests";
 
+/// The scope label of a docker derrick's containers and its configuration name, which is unique
+/// so that the derrick's layer images can be removed.
+struct DockerCleanup {
+    scope: String,
+    config_name: String,
+}
+
 /// Where derrick creates workspaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -56,12 +63,9 @@ pub enum Transport {
 pub struct Derrick {
     child: Child,
     provider: ProviderKind,
-    /// The configuration name, unique for docker derricks so that their layer images can be
-    /// removed when the test ends.
-    config_name: String,
-    /// The scope label of a docker derrick's containers, removed when the test ends unless
-    /// the derrick crashed and the test takes its containers over.
-    docker_scope: Option<String>,
+    /// What a docker derrick leaves on the engine, removed when the test ends unless the
+    /// derrick crashed and the test takes it over.
+    docker_cleanup: Option<DockerCleanup>,
     link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
@@ -174,8 +178,10 @@ impl Derrick {
         .expect("write config");
         let mut derrick = Self::launch(folder, &config_path, nats, &flags, env);
         derrick.provider = ProviderKind::Docker;
-        derrick.config_name = name;
-        derrick.docker_scope = Some(derrick::provider::docker::scope_of(&derrick.state_dir()));
+        derrick.docker_cleanup = Some(DockerCleanup {
+            scope: derrick::provider::docker::scope_of(&derrick.state_dir()),
+            config_name: name,
+        });
         derrick
     }
 
@@ -276,8 +282,7 @@ impl Derrick {
         Derrick {
             child,
             provider: ProviderKind::Local,
-            config_name: String::new(),
-            docker_scope: None,
+            docker_cleanup: None,
             link,
             log,
             folder,
@@ -480,9 +485,9 @@ impl Derrick {
     }
 
     /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart. The
-    /// containers of a docker derrick stay for the test to take over.
+    /// containers and layer images of a docker derrick stay for the test to take over.
     pub fn crash(mut self) -> TempDir {
-        self.docker_scope = None;
+        self.docker_cleanup = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
         let folder = tempfile::tempdir().expect("temporary folder");
@@ -524,11 +529,9 @@ impl Drop for Derrick {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.stop();
         }
-        if let Some(scope) = &self.docker_scope {
-            docker::remove_containers_of(scope);
-        }
-        if self.provider == ProviderKind::Docker {
-            docker::remove_layers_of(&self.config_name);
+        if let Some(cleanup) = &self.docker_cleanup {
+            docker::remove_containers_of(&cleanup.scope);
+            docker::remove_layers_of(&cleanup.config_name);
         }
     }
 }
