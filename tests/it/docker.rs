@@ -89,6 +89,43 @@ async fn output_interleaves_streams_without_terminal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_output_keeps_tail() {
+    let repository = sample_repository();
+    let (derrick, id) = started(&repository).await;
+    let cmd = "head -c 20000000 /dev/zero | tr '\\0' 'a'; echo end";
+    let (body, _) = run(&derrick, &id, json!({ "cmd": cmd })).await;
+    let output = body["output"].as_str().expect("output");
+    assert_eq!(body["truncated"], true);
+    assert_eq!(output.len(), derrick::provider::local::MAX_OUTPUT_BYTES);
+    assert!(
+        output.ends_with("aaaend\n"),
+        "{}",
+        &output[output.len() - 20..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_errors_are_client_errors() {
+    let repository = sample_repository();
+    let (derrick, id) = started(&repository).await;
+    derrick
+        .output(&id, "head -c 67108865 /dev/zero > big.bin; mkfifo pipe")
+        .await;
+    let read_path = format!("/workspaces/{id}/read_file");
+    let cases = [
+        ("big.bin", 413, "payload_too_large"),
+        ("code", 400, "invalid_request"),
+        ("pipe", 400, "invalid_request"),
+        ("missing.txt", 404, "file_not_found"),
+    ];
+    for (path, status, code) in cases {
+        let reply = derrick.post(&read_path, json!({ "path": path })).await;
+        assert_eq!(reply.status, status, "{path}: {}", reply.body);
+        assert_eq!(reply.body["error"]["code"], code, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_leaves_no_process_in_container() {
     let repository = sample_repository();
     let (derrick, id) = started(&repository).await;
