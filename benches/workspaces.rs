@@ -7,6 +7,8 @@
 //! Run with `cargo bench --bench workspaces` as root; it prints a Markdown table for
 //! `docs/benchmarks.md`. `DERRICK_BENCH_LAYERS=copy` measures the copy fallback instead, and
 //! `DERRICK_BENCH_ONLY=commands` measures only the command overhead and the create throughput.
+//! `DERRICK_BENCH_PROVIDER=docker` measures the docker provider: warm create and reset with and
+//! without a spare container, and `cmd_with_output` against a raw exec through the engine's API.
 
 #[path = "../tests/it/support/derrick.rs"]
 #[expect(dead_code, reason = "the benchmark uses only part of the test harness")]
@@ -21,7 +23,7 @@ use serde_json::json;
 
 use harness::nats::NatsServer;
 use harness::remote::Cluster;
-use harness::{Derrick, config};
+use harness::{Derrick, ProviderKind, Transport, config, wait_until};
 use repos::TestRepo;
 
 /// Samples per measurement; enough for a stable median on a 2-core machine within minutes.
@@ -41,6 +43,10 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let layers = std::env::var("DERRICK_BENCH_LAYERS").unwrap_or_else(|_| "overlay".to_owned());
+    if std::env::var("DERRICK_BENCH_PROVIDER").as_deref() == Ok("docker") {
+        runtime.block_on(docker_benchmarks());
+        return;
+    }
     let only_commands = std::env::var("DERRICK_BENCH_ONLY").is_ok_and(|only| only == "commands");
     runtime.block_on(async {
         println!("| measurement | samples | p50 | p95 |");
@@ -221,6 +227,143 @@ async fn create_throughput(layers: &str, workers: usize) {
         ),
         &mut samples,
     );
+}
+
+async fn docker_benchmarks() {
+    println!("| measurement | samples | p50 | p95 |");
+    println!("| --- | --- | --- | --- |");
+    for spares in ["1", "0"] {
+        docker_create_and_reset(spares).await;
+    }
+    docker_command_overhead().await;
+}
+
+/// Measures warm creates and resets of one derrick. With spares, each sample waits until a spare
+/// container runs again, as it does between an agent's tasks, which are seconds apart.
+async fn docker_create_and_reset(spares: &str) {
+    let repository = TestRepo::with_files(100);
+    let derrick = Derrick::start_provider(
+        Transport::Http,
+        ProviderKind::Docker,
+        &config(repository.path().display(), ""),
+        &["--spare-containers", spares],
+        &[],
+    );
+    let label = if spares == "0" {
+        "without spare"
+    } else {
+        "with spare"
+    };
+    let id = derrick.create_id().await;
+    let record = derrick.get(&format!("/workspaces/{id}")).await.body;
+    let setup_key = record["layers"][2]["key"].as_str().expect("setup key")[..12].to_owned();
+    let scope = derrick::provider::docker::scope_of(&derrick.state_dir());
+    // derrick logs each spare once it is in its pool, which is later than the engine lists it.
+    // One spare follows the setup snapshot and one each take. Between tasks, the container
+    // that the last reset discarded is gone too.
+    let needle = format!("spare container ready layer_key={setup_key}");
+    let ready_after = |taken: usize| {
+        let log = derrick.log();
+        let spare = spares == "0" || log.matches(&needle).count() > taken;
+        spare && discarded_containers(&scope) == 0
+    };
+
+    let mut created = Vec::new();
+    for round in 0..SAMPLES {
+        assert!(wait_until(Duration::from_secs(30), || ready_after(round)).await);
+        let started = Instant::now();
+        let reply = derrick.create().await;
+        created.push(started.elapsed());
+        assert_eq!(reply["cache"]["hit"], "setup");
+        let other = reply["id"].as_str().expect("id");
+        derrick
+            .request("DELETE", &format!("/workspaces/{other}"), None)
+            .await;
+    }
+    report(&format!("docker create, warm, {label}"), &mut created);
+
+    let mut resets = Vec::new();
+    for round in 0..SAMPLES {
+        derrick
+            .output(&id, &format!("echo {round} > code/app/changed.txt"))
+            .await;
+        assert!(wait_until(Duration::from_secs(30), || ready_after(SAMPLES + round)).await);
+        let started = Instant::now();
+        let reply = derrick
+            .post(&format!("/workspaces/{id}/reset"), json!({}))
+            .await;
+        resets.push(started.elapsed());
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    report(&format!("docker reset, {label}"), &mut resets);
+}
+
+async fn docker_command_overhead() {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    use futures_util::StreamExt;
+
+    let repository = TestRepo::with_files(10);
+    let derrick = Derrick::start_for(
+        Transport::Http,
+        ProviderKind::Docker,
+        &config(repository.path().display(), ""),
+    );
+    let id = derrick.create_id().await;
+    let docker = bollard::Docker::connect_with_defaults()
+        .expect("docker client")
+        .negotiate_version()
+        .await
+        .expect("docker engine");
+    let container = format!("derrick-{id}");
+    let mut through_derrick = Vec::new();
+    let mut raw = Vec::new();
+    for _ in 0..SAMPLES * 10 {
+        let started = Instant::now();
+        derrick.run(&id, "true").await;
+        through_derrick.push(started.elapsed());
+
+        let started = Instant::now();
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(vec!["true".to_owned()]),
+            ..Default::default()
+        };
+        let exec = docker
+            .create_exec(&container, options)
+            .await
+            .expect("create exec");
+        if let StartExecResults::Attached { mut output, .. } =
+            docker.start_exec(&exec.id, None).await.expect("start exec")
+        {
+            while output.next().await.is_some() {}
+        }
+        let inspected = docker.inspect_exec(&exec.id).await.expect("inspect exec");
+        raw.push(started.elapsed());
+        assert_eq!(inspected.exit_code, Some(0));
+    }
+    report(
+        "docker `cmd_with_output` of `true` over HTTP",
+        &mut through_derrick,
+    );
+    report("raw exec of `true` through the engine API", &mut raw);
+}
+
+/// Counts the containers of a derrick's scope that a reset discarded and that are not yet
+/// removed.
+fn discarded_containers(scope: &str) -> usize {
+    let listed = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.derrick.scope={scope}"),
+            "--filter",
+            "name=derrick-discarded-",
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&listed.stdout).lines().count()
 }
 
 fn report(name: &str, samples: &mut [Duration]) {

@@ -17,6 +17,7 @@ use crate::engine::cache::{self, CacheLock, Usage};
 use crate::engine::record::RecordStore;
 use crate::engine::{Engine, EngineOptions, Provider};
 use crate::nats_client::{ClientCertificate, NatsAuth, NatsOptions, NatsTls, Secret};
+use crate::provider::docker::{DockerOptions, DockerProvider};
 use crate::provider::local::{LayerMode, LocalOptions, LocalProvider};
 use crate::provider::remote_nats::RemoteNats;
 use crate::service::Service;
@@ -54,6 +55,12 @@ pub const NATS_PASSWORD_VARIABLE: &str = "DERRICK_NATS_PASSWORD";
 
 /// Help heading of the NATS flags.
 const NATS_HEADING: &str = "NATS (-s nats, -p remote_nats and derrick worker)";
+
+/// Base image of docker workspaces when the configuration names none.
+pub const DEFAULT_BASE_IMAGE: &str = "debian:bookworm-slim";
+
+/// Most spare containers per layer image; each one is a started container that uses memory.
+const MAX_SPARE_CONTAINERS: u64 = 8;
 
 /// Command-line flags. Without a subcommand derrick serves controllers; `derrick worker` serves
 /// a `remote_nats` controller.
@@ -128,6 +135,15 @@ pub struct StoreFlags {
     /// evicted after each new layer [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_max_bytes: Option<u64>,
+
+    /// Base image of docker workspaces when the configuration has no `base_image`.
+    #[arg(long, default_value = DEFAULT_BASE_IMAGE)]
+    pub base_image: String,
+
+    /// Started containers kept ready per layer image (docker), so that a reset or a warm create
+    /// does not wait for a container to start; 0 turns them off.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=MAX_SPARE_CONTAINERS))]
+    pub spare_containers: u64,
 }
 
 /// Settings of an engine that serves workspaces: derrick serving locally, or a worker.
@@ -327,11 +343,6 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
     let Some(config_path) = cli.workspace_config_path.as_deref() else {
         bail!("missing -w/--workspace-config-path; give the workspace configuration file");
     };
-    if cli.store.provisioning_mode == ProvisioningMode::Docker {
-        bail!(
-            "provisioning mode `docker` is not available in this build; use `-p local` or `-p remote_nats`"
-        );
-    }
     if cli
         .auth_token
         .as_deref()
@@ -365,9 +376,9 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let engine = start_engine(config, &cli.store, &cli.engine, &shutdown, &force).await?;
-    let served = serve(cli, engine.clone(), shutdown).await;
-    engine.shutdown().await;
+    let running = start_engine(config, &cli.store, &cli.engine, &shutdown, &force).await?;
+    let served = serve(cli, running.engine.clone(), shutdown).await;
+    running.stop().await;
     served?;
     info!("stopped");
     Ok(())
@@ -376,10 +387,7 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
 /// Runs `derrick worker` until SIGTERM or Ctrl-C; its workspaces stay for the next start.
 async fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     match args.store.provisioning_mode {
-        ProvisioningMode::Local => {}
-        ProvisioningMode::Docker => {
-            bail!("provisioning mode `docker` is not available in this build; use `-p local`")
-        }
+        ProvisioningMode::Local | ProvisioningMode::Docker => {}
         ProvisioningMode::RemoteNats => bail!(
             "a worker runs workspaces itself, so `-p remote_nats` is for controllers; give the worker `-p local` or `-p docker`"
         ),
@@ -398,14 +406,15 @@ async fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     let config = config::load(&args.workspace_config_path)?;
     let config_name = config.name.clone();
     let (shutdown, force) = watch_signals();
-    let engine = start_engine(config, &args.store, &args.engine, &shutdown, &force).await?;
+    let running = start_engine(config, &args.store, &args.engine, &shutdown, &force).await?;
+    let engine = running.engine.clone();
     let identity = WorkerIdentity {
         id,
         config: config_name,
         provider: engine.provider_kind().to_owned(),
     };
-    let served = transport::nats::serve_worker(engine.clone(), options, identity, shutdown).await;
-    engine.shutdown().await;
+    let served = transport::nats::serve_worker(engine, options, identity, shutdown).await;
+    running.stop().await;
     served?;
     info!("stopped");
     Ok(())
@@ -420,13 +429,22 @@ async fn start_engine(
     flags: &EngineFlags,
     shutdown: &CancellationToken,
     force: &CancellationToken,
-) -> anyhow::Result<Arc<Engine>> {
+) -> anyhow::Result<Running> {
     crate::provider::local::start_reaping_orphans();
     let limits = Limits {
         setup_timeout: flags.setup_timeout,
         max_workspaces: usize::try_from(flags.max_workspaces)?,
     };
-    let engine = Arc::new(build_engine(config, store, &store.state_dir(), limits)?);
+    let built = build_engine(config, store, &store.state_dir(), limits).await?;
+    let engine = Arc::new(built.engine);
+    if let Some(docker) = &built.docker {
+        // Containers whose workspace has no record belong to no one; spares of a stopped
+        // derrick are among them.
+        let known = engine.record_ids().await?;
+        for name in docker.remove_unknown(&known).await? {
+            tracing::warn!(container = %name, "removed a container left by an earlier run");
+        }
+    }
     engine.recover().await?;
     engine.enforce_cache_limit().await;
     if let Some(seconds) = flags.idle_timeout {
@@ -444,7 +462,26 @@ async fn start_engine(
         force.clone(),
         grace,
     ));
-    Ok(engine)
+    Ok(Running {
+        engine,
+        docker: built.docker,
+    })
+}
+
+/// A serving engine and, for `-p docker`, its provider.
+struct Running {
+    engine: Arc<Engine>,
+    docker: Option<Arc<DockerProvider>>,
+}
+
+impl Running {
+    /// Keeps the workspaces for the next start and removes the docker provider's spares.
+    async fn stop(&self) {
+        self.engine.shutdown().await;
+        if let Some(docker) = &self.docker {
+            docker.remove_spares().await;
+        }
+    }
 }
 
 /// Builds the clean snapshot of a configuration through one workspace, which it destroys.
@@ -472,8 +509,24 @@ async fn warm_in(
         max_workspaces: 1,
     };
     let config = config::load(&args.workspace_config_path)?;
-    let engine = Arc::new(build_engine(config, &args.store, state_dir, limits)?);
-    remove_stale_warm_jobs(&engine, warm_folder, state_dir).await;
+    let built = build_engine(config, &args.store, state_dir, limits).await?;
+    let running = Running {
+        engine: Arc::new(built.engine),
+        docker: built.docker,
+    };
+    let warmed = warm_with(&running.engine, warm_folder, state_dir).await;
+    if let Some(docker) = &running.docker {
+        docker.remove_spares().await;
+    }
+    warmed
+}
+
+async fn warm_with(
+    engine: &Arc<Engine>,
+    warm_folder: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    remove_stale_warm_jobs(engine, warm_folder, state_dir).await;
     let setup_key = engine.keys().setup.clone();
     info!(layer_key = %setup_key, "warming the clean snapshot");
 
@@ -500,7 +553,7 @@ async fn warm_in(
     }
     let created = match created {
         Ok(created) => created,
-        Err(error) => return Err(warm_failure(&engine, error)),
+        Err(error) => return Err(warm_failure(engine, error)),
     };
     engine.destroy(&created.id).await?;
     let durations: Vec<String> = created
@@ -569,7 +622,7 @@ fn warm_failure(engine: &Engine, error: crate::error::Error) -> anyhow::Error {
 
 /// Prints the cached layers; works while a derrick serves the same folders.
 async fn cache_list(store: &StoreFlags, json: bool) -> anyhow::Result<()> {
-    let provider = inspect_provider(store)?;
+    let provider = inspect_provider(store).await?;
     let usage = Usage::new(&store.cache_dir());
     let mut in_use = crate::engine::record::recorded_layers(&store.state_dir()).await?;
     in_use.extend(provider.environment_layers().await?);
@@ -601,7 +654,7 @@ async fn cache_list(store: &StoreFlags, json: bool) -> anyhow::Result<()> {
 /// folder's lock, so no derrick can start a workspace on a layer while it goes.
 async fn cache_prune(store: &StoreFlags, max_bytes: u64) -> anyhow::Result<()> {
     let state_dir = store.state_dir();
-    let provider = inspect_provider(store)?;
+    let provider = inspect_provider(store).await?;
     let _cache = CacheLock::exclusive(&store.cache_dir())?;
     let _records = RecordStore::open(&state_dir).context(
         "stop the derrick that uses this state folder first, or let it evict with --cache-max-bytes",
@@ -661,14 +714,21 @@ struct Limits {
     max_workspaces: usize,
 }
 
+/// An engine and, for `-p docker`, its provider, which has start-up and shutdown clean-ups of its
+/// own.
+struct Built {
+    engine: Engine,
+    docker: Option<Arc<DockerProvider>>,
+}
+
 /// Builds the provider and the engine over it.
-fn build_engine(
-    config: config::WorkspaceConfig,
+async fn build_engine(
+    mut config: config::WorkspaceConfig,
     store: &StoreFlags,
     state_dir: &std::path::Path,
     limits: Limits,
-) -> anyhow::Result<Engine> {
-    let provider = build_provider(store)?;
+) -> anyhow::Result<Built> {
+    let (provider, docker) = build_provider(store, &mut config, state_dir).await?;
     let cache_dir = store.cache_dir();
     info!(provider = %provider.kind(), cache_dir = %cache_dir.display(), state_dir = %state_dir.display(), "provider ready");
     let options = EngineOptions {
@@ -679,41 +739,75 @@ fn build_engine(
         cache_max_bytes: store.cache_max_bytes,
         max_workspaces: limits.max_workspaces,
     };
-    Ok(Engine::new(options, provider)?)
-}
-
-/// Opens the cache of the provider that `-p` names for listing and removing layers only.
-fn inspect_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
-    require_local(store)?;
-    Ok(Arc::new(LocalProvider::inspect(store.cache_dir())?))
-}
-
-/// Fails for a provisioning mode that has no provider in this process.
-fn require_local(store: &StoreFlags) -> anyhow::Result<()> {
-    if store.provisioning_mode != ProvisioningMode::Local {
-        bail!(
-            "provisioning mode `{}` has no local layer cache in this build; use `-p local`",
-            mode_name(store.provisioning_mode)
-        );
-    }
-    Ok(())
-}
-
-/// Builds the provider that `-p` names.
-fn build_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
-    require_local(store)?;
-    let cache_dir = store.cache_dir();
-    let layer_mode = match store.layers {
-        LayersFlag::Auto => LayerMode::Auto,
-        LayersFlag::Overlay => LayerMode::Overlay,
-        LayersFlag::Copy => LayerMode::Copy,
-    };
-    let provider = LocalProvider::new(LocalOptions {
-        cache_dir: cache_dir.clone(),
-        layer_mode,
+    Ok(Built {
+        engine: Engine::new(options, provider)?,
+        docker,
     })
-    .with_context(|| format!("cannot start the local provider in {}", cache_dir.display()))?;
-    Ok(Arc::new(provider))
+}
+
+/// Builds the provider that `-p` names. For docker, the default base image enters the
+/// configuration, and with it the base layer key, so derricks with different defaults never
+/// share layers.
+async fn build_provider(
+    store: &StoreFlags,
+    config: &mut config::WorkspaceConfig,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<(Arc<dyn Provider>, Option<Arc<DockerProvider>>)> {
+    let cache_dir = store.cache_dir();
+    match store.provisioning_mode {
+        ProvisioningMode::Local => {
+            let layer_mode = match store.layers {
+                LayersFlag::Auto => LayerMode::Auto,
+                LayersFlag::Overlay => LayerMode::Overlay,
+                LayersFlag::Copy => LayerMode::Copy,
+            };
+            let provider = LocalProvider::new(LocalOptions {
+                cache_dir: cache_dir.clone(),
+                layer_mode,
+            })
+            .with_context(|| {
+                format!("cannot start the local provider in {}", cache_dir.display())
+            })?;
+            Ok((Arc::new(provider), None))
+        }
+        ProvisioningMode::Docker => {
+            let base_image = config
+                .base_image
+                .get_or_insert_with(|| store.base_image.clone());
+            let options = DockerOptions {
+                cache_dir,
+                state_dir: state_dir.to_owned(),
+                base_image: base_image.clone(),
+                settings: config.docker.clone(),
+                spare_containers: usize::try_from(store.spare_containers).unwrap_or(1),
+            };
+            let docker = Arc::new(
+                DockerProvider::connect(options)
+                    .await
+                    .context("cannot start the docker provider")?,
+            );
+            Ok((docker.clone(), Some(docker)))
+        }
+        ProvisioningMode::RemoteNats => bail!(
+            "provisioning mode `remote_nats` forwards to workers and has no provider of its own here; use `-p local` or `-p docker`"
+        ),
+    }
+}
+
+/// Opens the layer cache of the provider that `-p` names for listing and removing layers only.
+async fn inspect_provider(store: &StoreFlags) -> anyhow::Result<Arc<dyn Provider>> {
+    match store.provisioning_mode {
+        ProvisioningMode::Local => Ok(Arc::new(LocalProvider::inspect(store.cache_dir())?)),
+        ProvisioningMode::Docker => {
+            let provider = DockerProvider::inspect(&store.state_dir())
+                .await
+                .context("cannot reach the docker engine")?;
+            Ok(Arc::new(provider))
+        }
+        ProvisioningMode::RemoteNats => bail!(
+            "provisioning mode `remote_nats` has no layer cache; run derrick cache on the workers"
+        ),
+    }
 }
 
 impl StoreFlags {
@@ -747,14 +841,6 @@ async fn serve(
         ServerMode::Nats => {
             Ok(transport::nats::serve(service, cli.nats.to_options(), shutdown).await?)
         }
-    }
-}
-
-fn mode_name(mode: ProvisioningMode) -> &'static str {
-    match mode {
-        ProvisioningMode::Local => "local",
-        ProvisioningMode::Docker => "docker",
-        ProvisioningMode::RemoteNats => "remote_nats",
     }
 }
 

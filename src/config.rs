@@ -38,6 +38,42 @@ pub struct WorkspaceConfig {
     pub env: BTreeMap<String, String>,
     pub base_image: Option<String>,
     pub git_author: GitAuthor,
+    /// Container settings of the docker provider; the local provider ignores them.
+    pub docker: DockerSettings,
+}
+
+/// Container settings of the docker provider (`"docker"` in the file).
+///
+/// They shape the containers, not the images, so they are not part of any layer key: changing
+/// them applies to new workspaces and reuses the cached layers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerSettings {
+    pub network: DockerNetwork,
+    /// CPU limit in billionths of a core (`"cpus": 1.5` is 1,500,000,000), the engine's unit;
+    /// `None` leaves the engine's default (no limit).
+    pub nano_cpus: Option<u64>,
+    /// Memory limit in bytes; `None` leaves the engine's default (no limit).
+    pub memory_bytes: Option<u64>,
+}
+
+/// The network of workspace containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DockerNetwork {
+    /// Docker's default bridge network.
+    #[default]
+    Bridge,
+    /// A loopback interface only.
+    None,
+}
+
+impl DockerNetwork {
+    /// Returns the engine's name of the network mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DockerNetwork::Bridge => "bridge",
+            DockerNetwork::None => "none",
+        }
+    }
 }
 
 /// One repository to check out into every workspace.
@@ -214,6 +250,19 @@ struct RawConfig {
     base_image: Option<String>,
     #[serde(default)]
     git_author: Option<GitAuthor>,
+    #[serde(default)]
+    docker: Option<RawDockerSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDockerSettings {
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    cpus: Option<f64>,
+    #[serde(default)]
+    memory: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +306,10 @@ impl RawConfig {
         }
         let git_author = self.git_author.unwrap_or_default();
         validate_author(&git_author)?;
+        let docker = match self.docker {
+            Some(raw) => raw.validate()?,
+            None => DockerSettings::default(),
+        };
 
         Ok(WorkspaceConfig {
             name: self.name,
@@ -265,8 +318,75 @@ impl RawConfig {
             env: self.env,
             base_image: self.base_image,
             git_author,
+            docker,
         })
     }
+}
+
+/// Smallest memory limit the docker engine accepts (6 MiB, as of Docker 20.10).
+const MIN_DOCKER_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
+
+impl RawDockerSettings {
+    fn validate(self) -> Result<DockerSettings, FieldError> {
+        let network = match self.network.as_deref() {
+            None | Some("bridge") => DockerNetwork::Bridge,
+            Some("none") => DockerNetwork::None,
+            Some(other) => {
+                return Err((
+                    "docker.network".to_owned(),
+                    format!("`{other}` is not supported; allowed: \"bridge\" (default), \"none\""),
+                ));
+            }
+        };
+        if let Some(cpus) = self.cpus
+            && !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0)
+        {
+            return Err((
+                "docker.cpus".to_owned(),
+                format!("{cpus} is invalid; allowed: a number of cores above 0, such as 1.5"),
+            ));
+        }
+        let memory_bytes = match self.memory.as_deref() {
+            None => None,
+            Some(text) => {
+                Some(parse_memory(text).map_err(|message| ("docker.memory".to_owned(), message))?)
+            }
+        };
+        Ok(DockerSettings {
+            network,
+            nano_cpus: self.cpus.map(|cpus| (cpus * 1e9).round() as u64),
+            memory_bytes,
+        })
+    }
+}
+
+/// Parses a memory size as Docker writes it: a whole number with an optional unit `b`, `k`, `m`
+/// or `g` (powers of 1024).
+fn parse_memory(text: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!(
+            "`{text}` is invalid; allowed: a whole number of bytes with an optional unit b, k, m \
+             or g (such as \"512m\"), at least 6m"
+        )
+    };
+    let lower = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match lower.find(|c: char| !c.is_ascii_digit()) {
+        Some(index) => lower.split_at(index),
+        None => (lower.as_str(), ""),
+    };
+    let multiplier: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let count: u64 = digits.parse().map_err(|_| invalid())?;
+    let bytes = count.checked_mul(multiplier).ok_or_else(invalid)?;
+    if bytes < MIN_DOCKER_MEMORY_BYTES {
+        return Err(invalid());
+    }
+    Ok(bytes)
 }
 
 impl RawRepository {
@@ -553,6 +673,36 @@ mod tests {
             "git_author.email",
             "address",
         );
+    }
+
+    #[test]
+    fn docker_settings_are_optional_and_checked() {
+        let text = r#"{"name": "a", "repositories": [], "setup_script": ""}"#;
+        let config = parse(text, "test.json", Path::new("/")).expect("valid");
+        assert_eq!(config.docker, DockerSettings::default());
+
+        let text = r#"{"name": "a", "repositories": [], "setup_script": "",
+            "docker": {"network": "none", "cpus": 1.5, "memory": "512m"}}"#;
+        let config = parse(text, "test.json", Path::new("/")).expect("valid");
+        assert_eq!(config.docker.network, DockerNetwork::None);
+        assert_eq!(config.docker.nano_cpus, Some(1_500_000_000));
+        assert_eq!(config.docker.memory_bytes, Some(512 * 1024 * 1024));
+
+        let base = r#"{"name": "a", "repositories": [], "setup_script": "", "docker": "#;
+        let cases = [
+            (
+                r#"{"network": "host"}"#,
+                "docker.network",
+                "allowed: \"bridge\"",
+            ),
+            (r#"{"cpus": 0}"#, "docker.cpus", "above 0"),
+            (r#"{"memory": "12x"}"#, "docker.memory", "unit b, k, m"),
+            (r#"{"memory": "1k"}"#, "docker.memory", "at least 6m"),
+            (r#"{"swap": "1g"}"#, "docker.swap", "unknown field"),
+        ];
+        for (docker, field, fragment) in cases {
+            check_error(&format!("{base}{docker}}}"), field, fragment);
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! - `service`: the operations of the contract as a trait, served by the engine or by
 //!   `remote_nats`.
 //! - `engine`: the service core; drives workspaces through the state machine over a provider.
-//! - `provider`: the implementations of `engine::Provider` (`local`), and `remote_nats`, which
-//!   forwards each operation to a worker.
+//! - `provider`: the implementations of `engine::Provider` (`local`, `docker`), and
+//!   `remote_nats`, which forwards each operation to a worker.
 //! - `git`: host mirrors and checkouts out of them (the only user of git2).
 //! - `paths`: resolution of request paths inside a workspace root.
 //! - `config`, `states`, `keys`, `error`: configuration, the state machine, layer keys, errors.

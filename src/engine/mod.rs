@@ -611,6 +611,12 @@ impl Engine {
         workspaces.values().cloned().collect()
     }
 
+    /// Returns the ids of every workspace record in the state folder, live or left by an
+    /// earlier run.
+    pub async fn record_ids(&self) -> Result<Vec<WorkspaceId>> {
+        self.records.ids().await
+    }
+
     fn live_ids(&self) -> Vec<WorkspaceId> {
         let workspaces = self.workspaces.lock().expect("workspace map lock");
         workspaces.keys().cloned().collect()

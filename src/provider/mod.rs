@@ -5,8 +5,13 @@
 //! `service::Service` instead, because it forwards whole operations to workers whose engines
 //! fill their own Git mirrors.
 //!
+//! `output` holds what both implementations share: the cap on a command's output and the buffer
+//! that keeps its tail.
+//!
 //! Invariant: implementations never import each other, and they use only the trait and its types
 //! from `engine`, never the engine's logic.
 
+pub mod docker;
 pub mod local;
+pub(crate) mod output;
 pub mod remote_nats;

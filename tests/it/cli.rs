@@ -77,7 +77,7 @@ fn invalid_config_names_file_and_field() {
 }
 
 #[test]
-fn unbuilt_modes_exit_cleanly() {
+fn unusable_modes_exit_cleanly() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quickstart.json");
     let closed_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -85,10 +85,6 @@ fn unbuilt_modes_exit_cleanly() {
     };
     let closed_url = format!("nats://127.0.0.1:{closed_port}");
     let cases = [
-        (
-            vec!["-p", "docker", "-w", fixture],
-            "`docker` is not available",
-        ),
         (
             vec![
                 "-p",

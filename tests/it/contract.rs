@@ -1,37 +1,44 @@
 //! The wire contract, run over HTTP, over NATS, and through a `remote_nats` controller alike.
 //!
-//! Each case is one async function that takes the transport, and `contract!` makes three tests
-//! of it: `contract::<case>::http`, `contract::<case>::nats` and `contract::<case>::remote`, the
-//! last over HTTP to a controller that forwards every operation over NATS to one worker. The cases send HTTP paths through
+//! Each case is one async function that takes the transport and the provider, and `contract!`
+//! makes four tests of it: `contract::<case>::http`, `contract::<case>::nats` and
+//! `contract::<case>::remote` with the local provider (the last over HTTP to a controller that
+//! forwards every operation over NATS to one worker), and `contract::<case>::docker` with the
+//! docker provider over HTTP. The cases send HTTP paths through
 //! `Derrick::request`. Over NATS, it sends the same operation to its subject and returns the reply
 //! with the HTTP status of its error code, so both transports must give the same statuses, codes
 //! and bodies.
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, Reply, Transport, config};
+use crate::support::derrick::{Derrick, ProviderKind, Reply, Transport, config};
 use crate::support::repos::TestRepo;
 
-/// Makes an HTTP, a NATS and a remote test of each case.
+/// Makes an HTTP, a NATS, a remote and a docker test of each case.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         $(
             mod $case {
-                use crate::support::derrick::Transport;
+                use crate::support::derrick::{ProviderKind, Transport};
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn http() {
-                    super::$case(Transport::Http).await;
+                    super::$case(Transport::Http, ProviderKind::Local).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn nats() {
-                    super::$case(Transport::Nats).await;
+                    super::$case(Transport::Nats, ProviderKind::Local).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn docker() {
+                    super::$case(Transport::Http, ProviderKind::Docker).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn remote() {
-                    super::$case(Transport::Remote).await;
+                    super::$case(Transport::Remote, ProviderKind::Local).await;
                 }
             }
         )*
@@ -69,9 +76,13 @@ fn check_error(reply: &Reply, status: u16, code: &str, label: &str) {
     assert!(!message.is_empty(), "{label}: no message in {}", reply.body);
 }
 
-async fn health_and_states(transport: Transport) {
+async fn health_and_states(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
 
     let health = check_ok(derrick.get("/health").await, "health");
     assert_eq!(health, json!({ "healthy": true }));
@@ -85,11 +96,12 @@ async fn health_and_states(transport: Transport) {
     );
 }
 
-async fn lifecycle(transport: Transport) {
+async fn lifecycle(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
     let head = repository.head();
-    let derrick = Derrick::start_over(
+    let derrick = Derrick::start_for(
         transport,
+        provider,
         &config(repository.path().display(), "echo set > setup.txt"),
     );
 
@@ -199,16 +211,20 @@ async fn lifecycle(transport: Transport) {
         json!({ "workspaces": [] })
     );
     assert!(
-        !derrick.workspace_root(&id).exists(),
-        "destroy leaves the workspace folder"
+        !derrick.workspace_exists(&id),
+        "destroy leaves the workspace's folder or container"
     );
 }
 
-async fn files_round_trip_exact_bytes(transport: Transport) {
+async fn files_round_trip_exact_bytes(transport: Transport, provider: ProviderKind) {
     use base64::Engine as _;
 
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     // Every byte value four times, with MIME line breaks in the base64 text.
     let content: Vec<u8> = (0..1024).map(|index| (index % 256) as u8).collect();
@@ -241,9 +257,13 @@ async fn files_round_trip_exact_bytes(transport: Transport) {
     );
 }
 
-async fn request_errors_have_codes(transport: Transport) {
+async fn request_errors_have_codes(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     let on = |operation: &str| format!("/workspaces/{id}/{operation}");
     let missing = "/workspaces/ws-00000000000000000000000000000000";
@@ -363,9 +383,16 @@ async fn request_errors_have_codes(transport: Transport) {
     }
 }
 
-async fn command_failure_carries_exit_code_and_output(transport: Transport) {
+async fn command_failure_carries_exit_code_and_output(
+    transport: Transport,
+    provider: ProviderKind,
+) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(transport, &config(repository.path().display(), ""));
+    let derrick = Derrick::start_for(
+        transport,
+        provider,
+        &config(repository.path().display(), ""),
+    );
     let id = derrick.create_id().await;
     let cmd = json!({ "cmd": "echo out; echo err >&2; exit 3" });
 
@@ -396,10 +423,11 @@ async fn command_failure_carries_exit_code_and_output(transport: Transport) {
     assert_eq!(timed_out["output"], "started\n");
 }
 
-async fn failed_workspace_refuses_operations(transport: Transport) {
+async fn failed_workspace_refuses_operations(transport: Transport, provider: ProviderKind) {
     let repository = sample_repository();
-    let derrick = Derrick::start_over(
+    let derrick = Derrick::start_for(
         transport,
+        provider,
         &config(repository.path().display(), "echo before; exit 5"),
     );
     let failed = derrick.request("POST", "/workspaces", None).await;

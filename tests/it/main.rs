@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod contract;
 mod credentials;
+mod docker;
 mod faults;
 mod files;
 mod git_server;

@@ -64,7 +64,7 @@ use async_trait::async_trait;
 use tokio::task;
 use tracing::warn;
 
-pub use exec::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
+pub use crate::provider::output::{MAX_OUTPUT_BYTES, OUTPUT_DRAIN_GRACE, TIMEOUT_EXIT_CODE};
 pub use reaper::start_reaping_orphans;
 
 use self::layout::Layout;

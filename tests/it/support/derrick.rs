@@ -17,12 +17,16 @@ use derrick::error::Error;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-// The NATS server and worker helpers are child modules of this file, because the benchmark includes this
-// file alone by `#[path]`. The tests reach them as `support::nats` and `support::remote`.
+// The NATS server, worker and Docker helpers are child modules of this file, because the
+// benchmark includes this file alone by `#[path]`. The tests reach them as `support::nats`,
+// `support::remote` and `support::docker`.
 #[path = "nats.rs"]
 pub mod nats;
 #[path = "remote.rs"]
 pub mod remote;
+
+#[path = "docker.rs"]
+pub mod docker;
 
 use nats::NatsServer;
 
@@ -35,6 +39,21 @@ const NATS_REPLY_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The log line after which derrick replies to NATS requests.
 pub const NATS_READY: &str = "serving nats requests";
+
+/// The scope label of a docker derrick's containers and its configuration name, which is unique
+/// so that the derrick's layer images can be removed.
+struct DockerCleanup {
+    scope: String,
+    config_name: String,
+}
+
+/// Where derrick creates workspaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Local,
+    /// Containers of the test image, on the machine's Docker engine.
+    Docker,
+}
 
 /// How a test reaches derrick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +70,10 @@ pub struct Derrick {
     /// What a `remote_nats` controller depends on (its workers, and their NATS server unless
     /// `link` has it), stopped after the controller and before `link`'s NATS server.
     backend: Option<Box<dyn std::any::Any + Send + Sync>>,
+    provider: ProviderKind,
+    /// What a docker derrick leaves on the engine, removed when the test ends unless the
+    /// derrick crashed and the test takes it over.
+    docker_cleanup: Option<DockerCleanup>,
     link: Link,
     log: Arc<Mutex<String>>,
     folder: TempDir,
@@ -128,6 +151,63 @@ impl Derrick {
             Transport::Http => Self::start(config),
             Transport::Nats => Self::start_nats(NatsServer::start(), config, &[], &[]),
             Transport::Remote => remote::single_worker_controller(config),
+        }
+    }
+
+    /// Starts derrick over `transport` with `provider`. A docker derrick gets the test image as
+    /// its base image and a configuration name of its own.
+    pub fn start_for(transport: Transport, provider: ProviderKind, config: &Value) -> Derrick {
+        Self::start_provider(transport, provider, config, &[], &[])
+    }
+
+    /// Like `start_for`, with extra flags and environment variables.
+    pub fn start_provider(
+        transport: Transport,
+        provider: ProviderKind,
+        config: &Value,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Derrick {
+        if provider == ProviderKind::Local {
+            return match transport {
+                Transport::Http => Self::start_with(config, args, env),
+                Transport::Nats => Self::start_nats(NatsServer::start(), config, args, env),
+                Transport::Remote => remote::single_worker_controller(config),
+            };
+        }
+        let image = docker::test_image();
+        let mut config = config.clone();
+        let name = format!("it-{}", uuid_like());
+        config["name"] = json!(name);
+        let mut flags = vec!["-p", "docker", "--base-image", image];
+        flags.extend_from_slice(args);
+        let nats = (transport == Transport::Nats).then(NatsServer::start);
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let config_path = folder.path().join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config).expect("json"),
+        )
+        .expect("write config");
+        let mut derrick = Self::launch(folder, &config_path, nats, &flags, env);
+        derrick.provider = ProviderKind::Docker;
+        derrick.docker_cleanup = Some(DockerCleanup {
+            scope: derrick::provider::docker::scope_of(&derrick.state_dir()),
+            config_name: name,
+        });
+        derrick
+    }
+
+    /// Returns where this derrick creates workspaces.
+    pub fn provider(&self) -> ProviderKind {
+        self.provider
+    }
+
+    /// Tells whether workspace `id` still has its folder (local) or container (docker).
+    pub fn workspace_exists(&self, id: &str) -> bool {
+        match self.provider {
+            ProviderKind::Local => self.workspace_root(id).exists(),
+            ProviderKind::Docker => docker::container_exists(id),
         }
     }
 
@@ -214,6 +294,8 @@ impl Derrick {
         };
         Derrick {
             child,
+            provider: ProviderKind::Local,
+            docker_cleanup: None,
             link,
             log,
             folder,
@@ -435,8 +517,10 @@ impl Derrick {
         self.child.try_wait().expect("wait for derrick")
     }
 
-    /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart.
+    /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart. The
+    /// containers and layer images of a docker derrick stay for the test to take over.
     pub fn crash(mut self) -> TempDir {
+        self.docker_cleanup = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
         let folder = tempfile::tempdir().expect("temporary folder");
@@ -478,7 +562,17 @@ impl Drop for Derrick {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.stop();
         }
+        if let Some(cleanup) = &self.docker_cleanup {
+            docker::remove_containers_of(&cleanup.scope);
+            docker::remove_layers_of(&cleanup.config_name);
+        }
     }
+}
+
+/// Returns 16 random hex digits, from the kernel's random source.
+fn uuid_like() -> String {
+    let bytes = std::fs::read("/proc/sys/kernel/random/uuid").expect("read a random uuid");
+    String::from_utf8_lossy(&bytes).trim().replace('-', "")[..16].to_owned()
 }
 
 /// Collects derrick's stderr into the log on a thread, and sends what follows `ready_marker` on

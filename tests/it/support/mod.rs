@@ -15,4 +15,4 @@ pub mod derrick;
 pub mod git_server;
 pub mod repos;
 
-pub use derrick::{nats, remote};
+pub use derrick::{docker, nats, remote};
