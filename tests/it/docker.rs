@@ -506,3 +506,36 @@ impl EngineProxy {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
+
+/// A restarted docker derrick re-adopts its workspace containers with their changes, after a
+/// SIGTERM (which keeps the containers) and after a SIGKILL, and removes spares it no longer
+/// knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_re_adopts_workspace_containers() {
+    let repository = sample_repository();
+    let (derrick, id) = started(&repository).await;
+    derrick.output(&id, "echo kept > notes.txt").await;
+
+    let restarted = derrick.restart(false);
+    assert!(
+        restarted
+            .log()
+            .lines()
+            .any(|line| line.contains(&id) && line.contains("re-adopted")),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(restarted.output(&id, "cat notes.txt").await, "kept\n");
+
+    restarted.output(&id, "echo again >> notes.txt").await;
+    let crashed = restarted.restart(true);
+    assert_eq!(crashed.output(&id, "cat notes.txt").await, "kept\nagain\n");
+    let reset = crashed
+        .request("POST", &format!("/workspaces/{id}/reset"), None)
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    assert_eq!(
+        crashed.output(&id, "test -e notes.txt || echo reset").await,
+        "reset\n"
+    );
+}

@@ -6,18 +6,22 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, config, wait_until};
+use crate::support::derrick::{Derrick, ProviderKind, Transport, config, wait_until};
 use crate::support::repos::TestRepo;
 
 const WORKSPACES: usize = 50;
 const COMMANDS_PER_WORKSPACE: usize = 20;
 
-/// What derrick holds: open file descriptors, mounts under its folder, and descendant processes.
+/// What derrick holds: open file descriptors, mounts under its folder, descendant processes and
+/// the containers of its scope (docker).
 #[derive(Debug, PartialEq, Eq)]
 struct Holdings {
     descriptors: usize,
     mounts: usize,
     processes: usize,
+    containers: usize,
+    /// Whether the docker provider has a started spare container; always true for local.
+    spare_ready: bool,
 }
 
 fn holdings(derrick: &Derrick) -> Holdings {
@@ -32,10 +36,28 @@ fn holdings(derrick: &Derrick) -> Holdings {
         .lines()
         .filter(|line| line.contains(folder))
         .count();
+    let (containers, spare_ready) = match derrick.provider() {
+        ProviderKind::Local => (0, true),
+        ProviderKind::Docker => {
+            let scope = derrick::provider::docker::scope_of(&derrick.state_dir());
+            let listed = std::process::Command::new("docker")
+                .args(["ps", "-a", "--format", "{{.Names}} {{.State}}", "--filter"])
+                .arg(format!("label=dev.derrick.scope={scope}"))
+                .output()
+                .expect("docker ps");
+            let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+            let spare = text
+                .lines()
+                .any(|line| line.starts_with("derrick-spare-") && line.ends_with(" running"));
+            (text.lines().count(), spare)
+        }
+    };
     Holdings {
         descriptors,
         mounts,
         processes: descendants(pid).len(),
+        containers,
+        spare_ready,
     }
 }
 
@@ -82,21 +104,39 @@ fn descendants(pid: u32) -> BTreeSet<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_workspaces_twenty_commands_each() {
+    load(ProviderKind::Local, WORKSPACES, COMMANDS_PER_WORKSPACE).await;
+}
+
+/// The same load, smaller because each docker command costs tens of milliseconds, also counts
+/// the containers of the derrick's scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_workspaces_under_load() {
+    load(ProviderKind::Docker, 20, 10).await;
+}
+
+async fn load(provider: ProviderKind, workspaces: usize, commands: usize) {
     let repository = TestRepo::new();
     repository.write("README.md", "hello\n");
     repository.commit("initial");
-    let derrick = Derrick::start(&config(
-        repository.path().display(),
-        "echo ready > setup.txt",
-    ));
-    // The harness's own client keeps one connection open from its first request on.
-    assert_eq!(derrick.get("/health").await.status, 200);
+    let configuration = config(repository.path().display(), "echo ready > setup.txt");
+    let derrick = Derrick::start_for(Transport::Http, provider, &configuration);
+    // A first workspace builds the layers (and, for docker, starts a spare), so that the counts
+    // before the load include what stays between requests. The harness's own client keeps one
+    // connection open from its first request on.
+    let first = derrick.create_id().await;
+    let destroyed = derrick
+        .request("DELETE", &format!("/workspaces/{first}"), None)
+        .await;
+    assert_eq!(destroyed.status, 200, "{}", destroyed.body);
+    let settle = Duration::from_secs(30);
+    let steady = wait_until(settle, || holdings(&derrick).spare_ready).await;
+    assert!(steady, "no spare container started");
     let before = holdings(&derrick);
     let client = reqwest::Client::new();
     let base = derrick.base_url().to_owned();
 
     let mut agents = tokio::task::JoinSet::new();
-    for agent in 0..WORKSPACES {
+    for agent in 0..workspaces {
         let (client, base) = (client.clone(), base.clone());
         agents.spawn(async move {
             let created: Value = client
@@ -108,7 +148,7 @@ async fn fifty_workspaces_twenty_commands_each() {
                 .await
                 .expect("create reply");
             let id = created["id"].as_str().expect("workspace id").to_owned();
-            for command in 0..COMMANDS_PER_WORKSPACE {
+            for command in 0..commands {
                 let cmd = format!("echo {agent}-{command} >> log.txt; tail -n 1 log.txt");
                 let reply: Value = client
                     .post(format!("{base}/workspaces/{id}/cmd_with_output"))
@@ -131,10 +171,12 @@ async fn fifty_workspaces_twenty_commands_each() {
                 .json()
                 .await
                 .expect("count reply");
-            assert_eq!(
-                lines["output"],
-                format!("{COMMANDS_PER_WORKSPACE}\nready\n")
-            );
+            let counted = lines["output"]
+                .as_str()
+                .expect("output")
+                .trim_start()
+                .to_owned();
+            assert_eq!(counted, format!("{commands}\nready\n"));
             let destroyed = client
                 .delete(format!("{base}/workspaces/{id}"))
                 .send()
@@ -150,8 +192,9 @@ async fn fifty_workspaces_twenty_commands_each() {
 
     let listed = derrick.get("/workspaces").await.body;
     assert_eq!(listed["workspaces"], json!([]));
-    // Keep-alive connections of the dropped client close shortly after it.
-    let settled = wait_until(Duration::from_secs(10), || holdings(&derrick) == before).await;
+    // Keep-alive connections of the dropped client close shortly after it, and removed
+    // containers go in the background.
+    let settled = wait_until(settle, || holdings(&derrick) == before).await;
     assert!(
         settled,
         "before {before:?}, after {:?}; log:\n{}",

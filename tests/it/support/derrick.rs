@@ -517,6 +517,32 @@ impl Derrick {
         self.child.try_wait().expect("wait for derrick")
     }
 
+    /// Stops derrick over HTTP, with SIGTERM or, when `crash`, SIGKILL, and starts it again on
+    /// the same folders, configuration and provider. A docker derrick's clean-up moves to the new
+    /// process.
+    pub fn restart(mut self, crash: bool) -> Derrick {
+        let (provider, cleanup) = (self.provider, self.docker_cleanup.take());
+        if crash {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        } else {
+            self.stop();
+        }
+        let folder = std::mem::replace(
+            &mut self.folder,
+            tempfile::tempdir().expect("temporary folder"),
+        );
+        let config_path = folder.path().join("config.json");
+        let args = match provider {
+            ProviderKind::Local => vec![],
+            ProviderKind::Docker => vec!["-p", "docker", "--base-image", docker::test_image()],
+        };
+        let mut restarted = Self::launch(folder, &config_path, None, &args, &[]);
+        restarted.provider = provider;
+        restarted.docker_cleanup = cleanup;
+        restarted
+    }
+
     /// Kills derrick with SIGKILL, as a crash would, and returns its folder for a restart. The
     /// containers and layer images of a docker derrick stay for the test to take over.
     pub fn crash(mut self) -> TempDir {
