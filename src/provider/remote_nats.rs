@@ -267,6 +267,44 @@ impl RemoteNats {
         Ok(replies)
     }
 
+    /// Sends a create to `subject`, the queue group or one worker's own subject, and returns the
+    /// worker that took it with its reply. The error is one of the create's own (an `Err` of the
+    /// outer result means that no worker took it or that the worker went away).
+    async fn create_on(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+    ) -> Result<(String, Result<api::CreateResponse>)> {
+        let mut replies = self.publish_request(subject, payload).await?;
+        let no_worker = || {
+            Error::ProviderUnavailable(format!(
+                "no derrick worker took the create on `{subject}`; start one with `derrick worker`"
+            ))
+        };
+        let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, replies.next())
+            .await
+            .ok()
+            .flatten()
+            .filter(|message| message.status != Some(StatusCode::NO_RESPONDERS))
+            .ok_or_else(no_worker)?;
+        let worker = worker_of(&accepted).ok_or_else(no_worker)?;
+        self.mark_seen(&worker);
+
+        let reply = tokio::select! {
+            reply = replies.next() => reply.ok_or_else(no_worker)?,
+            error = self.until_gone(&worker, "the worker that took this create") => return Err(error),
+        };
+        let created = decode_reply::<api::CreateResponse>(&reply.payload, &worker);
+        match &created {
+            Ok(response) => self.set_owner(&response.id, &worker),
+            Err(Error::SetupFailed { id, .. }) => self.set_owner(id, &worker),
+            Err(_) => {}
+        }
+        let code = created.as_ref().map_or_else(Error::code, |_| "ok");
+        info!(worker = %worker, code, "create forwarded");
+        Ok((worker, created))
+    }
+
     /// Asks every worker for its workspaces, learns their owners, and returns the replies of the
     /// workers that answered within `LIST_TIMEOUT`.
     async fn gather(&self) -> Result<Vec<api::WorkspaceSummary>> {
@@ -314,38 +352,43 @@ impl Service for RemoteNats {
     }
 
     async fn create(&self, request: api::CreateRequest) -> Result<api::CreateResponse> {
-        let subject = worker::create_subject(&self.prefix);
         let payload = serde_json::to_vec(&request)
             .map_err(|error| Error::internal("cannot encode the create request", error))?;
         // NOTE: the NATS server picks a random member of the queue group, not the least busy
         // worker, so creates spread evenly in number but not by load.
-        let mut replies = self.publish_request(&subject, payload).await?;
-        let no_worker = || {
-            Error::ProviderUnavailable(format!(
-                "no derrick worker took the create on `{subject}`; start one with `derrick worker`"
-            ))
-        };
-        let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, replies.next())
-            .await
-            .ok()
-            .flatten()
-            .filter(|message| message.status != Some(StatusCode::NO_RESPONDERS))
-            .ok_or_else(no_worker)?;
-        let worker = worker_of(&accepted).ok_or_else(no_worker)?;
-        self.mark_seen(&worker);
-
-        let reply = tokio::select! {
-            reply = replies.next() => reply.ok_or_else(no_worker)?,
-            error = self.until_gone(&worker, "the worker that took this create") => return Err(error),
-        };
-        let created = decode_reply::<api::CreateResponse>(&reply.payload, &worker);
-        match &created {
-            Ok(response) => self.set_owner(&response.id, &worker),
-            Err(Error::SetupFailed { id, .. }) => self.set_owner(id, &worker),
-            Err(_) => {}
+        let subject = worker::create_subject(&self.prefix);
+        let (worker, created) = self.create_on(&subject, payload.clone()).await?;
+        if !is_full(&created) {
+            return created;
         }
-        info!(worker = %worker, ok = created.is_ok(), "create forwarded");
-        created
+
+        // The queue group cannot skip a full worker, so the other live workers are asked in turn
+        // on their own subjects, each at most once.
+        let mut full = vec![worker];
+        let mut others: Vec<String> = self.live_workers().into_iter().collect();
+        others.sort_unstable();
+        for other in others {
+            if full.contains(&other) {
+                continue;
+            }
+            let subject = worker::operation_subject(&self.prefix, &other, Operation::Create);
+            match self.create_on(&subject, payload.clone()).await {
+                Ok((worker, created)) if is_full(&created) => full.push(worker),
+                Ok((_, created)) => return created,
+                Err(error) => {
+                    warn!(worker = %other, error = %error, "worker did not take a retried create")
+                }
+            }
+        }
+        info!(workers = %full.join(", "), "every live worker refused the create as full");
+        Err(Error::Forwarded {
+            code: "workspace_limit_reached",
+            message: format!(
+                "every live derrick worker ({}) has reached its --max-workspaces limit; destroy \
+                 workspaces that are no longer needed, start another worker, or raise the limit",
+                full.join(", ")
+            ),
+        })
     }
 
     async fn list(&self) -> Result<api::ListResponse> {
@@ -452,6 +495,11 @@ async fn follow_heartbeats(
         }
     }
     warn!("the heartbeat subscription closed; workers will look silent");
+}
+
+/// Tells whether a worker refused a create because it is at its `--max-workspaces` limit.
+fn is_full(created: &Result<api::CreateResponse>) -> bool {
+    matches!(created, Err(error) if error.code() == "workspace_limit_reached")
 }
 
 /// Returns the worker id in a reply's header.

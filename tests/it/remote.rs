@@ -367,3 +367,65 @@ async fn long_command_replies_through_a_worker() {
     assert_eq!(reply.body["exit_code"], 0);
     assert_eq!(reply.body["timed_out"], false);
 }
+
+/// Two workers with `--max-workspaces 1`: the second create reaches the worker that still has
+/// room, whichever worker the queue group picks, and the third is `429 workspace_limit_reached`
+/// naming both workers, as a full local derrick answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_worker_passes_create_on() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start_with(&config, 2, &["--max-workspaces", "1"]);
+    let controller = cluster.controller(&config);
+
+    let first = controller.create_id().await;
+    let second = controller.create_id().await;
+    let mut owners = [owner_of(&cluster, &first), owner_of(&cluster, &second)];
+    owners.sort_unstable();
+    assert_eq!(owners, ["worker-1", "worker-2"]);
+
+    let refused = controller.request("POST", "/workspaces", None).await;
+    let message = check_error(&refused, 429, "workspace_limit_reached", "third create");
+    for expected in ["worker-1", "worker-2", "--max-workspaces"] {
+        assert!(message.contains(expected), "{expected} missing: {message}");
+    }
+    let listed = controller.get("/workspaces").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.body["workspaces"].as_array().expect("list").len(), 2);
+
+    let freed = owner_of(&cluster, &first);
+    controller
+        .request("DELETE", &format!("/workspaces/{first}"), None)
+        .await;
+    let third = controller.create_id().await;
+    assert_eq!(owner_of(&cluster, &third), freed);
+}
+
+/// A worker started with the id of a live worker exits with an error that names the id, and the
+/// first worker's workspaces stay reachable and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_worker_id_is_refused() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start(&config, 1);
+    let controller = cluster.controller(&config);
+    let id = controller.create_id().await;
+
+    let (status, log) = Worker::run_to_exit(&cluster.server, &config, "worker-1", &[]);
+    assert!(
+        !status.success(),
+        "the duplicate worker served; log:\n{log}"
+    );
+    assert!(
+        log.contains("worker id `worker-1` is already in use: a live worker answered"),
+        "{log}"
+    );
+    assert!(log.contains("--worker-id"), "{log}");
+
+    assert_eq!(controller.output(&id, "cat setup.txt").await, "set\n");
+    let listed = controller.get("/workspaces").await;
+    assert_eq!(
+        listed.body["workspaces"][0]["id"],
+        id.as_str(),
+        "{}",
+        listed.body
+    );
+}
