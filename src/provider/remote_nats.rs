@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::{Client, Message, StatusCode, Subscriber};
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -62,6 +63,8 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 /// The `remote_nats` provider: a `Service` whose operations run on workers.
 pub struct RemoteNats {
     client: Client,
+    /// The server URL without user info, for errors.
+    url: String,
     prefix: String,
     machine: StateMachine,
     workers: Arc<Mutex<HashMap<String, WorkerStatus>>>,
@@ -108,6 +111,7 @@ impl RemoteNats {
 
         let remote = RemoteNats {
             client,
+            url: redact_url(&options.url),
             prefix: options.subject_prefix.clone(),
             machine: StateMachine::builtin().expect("the built-in state machine is valid"),
             workers,
@@ -208,6 +212,9 @@ impl RemoteNats {
         operation: Operation,
         body: impl Serialize,
     ) -> Result<T> {
+        // Checked first, so that the error names NATS rather than the workers that went silent
+        // because of it.
+        self.check_connected()?;
         let worker = self.owner(id).await?;
         let role = format!("the owner of workspace `{id}`");
         self.check_live(&worker, &role)?;
@@ -232,6 +239,19 @@ impl RemoteNats {
         decode_reply(&reply.payload, &worker)
     }
 
+    /// Fails at once while the client is not connected to NATS: it would buffer the request until
+    /// it reconnects, and a list would wait for replies that cannot come.
+    fn check_connected(&self) -> Result<()> {
+        if self.client.connection_state() == State::Connected {
+            return Ok(());
+        }
+        Err(Error::ProviderUnavailable(format!(
+            "the controller is not connected to NATS at {}, so no worker can be reached; check \
+             that nats-server runs there (the controller reconnects by itself)",
+            self.url
+        )))
+    }
+
     /// Rejects a request that the NATS server would refuse for its size.
     fn check_size(&self, subject: &str, size: usize) -> Result<()> {
         let limit = self.client.server_info().max_payload;
@@ -253,6 +273,7 @@ impl RemoteNats {
                 "cannot send `{subject}` over NATS: {error}; check the connection to NATS"
             ))
         };
+        self.check_connected()?;
         self.check_size(subject, payload.len())?;
         let inbox = self.client.new_inbox();
         let replies = self
@@ -340,6 +361,16 @@ impl RemoteNats {
         }
         for silent in expected.difference(&answered) {
             warn!(worker = %silent, "worker did not answer the list in time");
+        }
+        if answered.is_empty() {
+            // An empty list would claim that no workspace exists, while the workers that hold
+            // them may only be stopped or unreachable.
+            return Err(Error::ProviderUnavailable(format!(
+                "no derrick worker answered `{subject}` within {} s, so the workspaces cannot be \
+                 listed; start a worker with `derrick worker`, or check the workers' connection \
+                 to NATS",
+                LIST_TIMEOUT.as_secs()
+            )));
         }
         Ok(workspaces)
     }

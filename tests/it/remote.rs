@@ -324,6 +324,63 @@ async fn stopped_worker_is_unavailable_at_once() {
     let create = controller.request("POST", "/workspaces", None).await;
     let message = check_error(&create, 503, "provider_unavailable", "create");
     assert!(message.contains("derrick worker"), "{message}");
+
+    // The stopped worker keeps its workspace, so an empty list would be wrong.
+    let listed = controller.get("/workspaces").await;
+    let message = check_error(&listed, 503, "provider_unavailable", "list");
+    assert!(
+        message.contains("no derrick worker answered `derrick.worker.list`"),
+        "{message}"
+    );
+}
+
+/// With the NATS server down, the controller answers `503 provider_unavailable` naming NATS,
+/// for a list as for an operation on a known workspace, instead of an empty list, and a worker
+/// stopped with SIGTERM exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_without_nats_is_unavailable() {
+    let (_repository, config) = sample_config();
+    let mut cluster = Cluster::start(&config, 1);
+    let controller = cluster.controller(&config);
+    let id = controller.create_id().await;
+
+    cluster.server.kill();
+    // Until the controller's client notices the closed connection, a list goes out and gets no
+    // answer, which is `provider_unavailable` as well.
+    let deadline = Instant::now() + FAILURE_BOUND;
+    let message = loop {
+        let listed = controller.get("/workspaces").await;
+        let message = check_error(&listed, 503, "provider_unavailable", "list");
+        if message.contains("not connected to NATS") || Instant::now() > deadline {
+            break message;
+        }
+        assert!(message.contains("no derrick worker answered"), "{message}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        message.contains("the controller is not connected to NATS at nats://127.0.0.1:"),
+        "{message}"
+    );
+
+    let started = Instant::now();
+    let command = controller
+        .post(&format!("/workspaces/{id}/cmd"), json!({ "cmd": "true" }))
+        .await;
+    let message = check_error(&command, 503, "provider_unavailable", "command");
+    assert!(message.contains("not connected to NATS"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The worker's shutdown bounds its waits for NATS, so SIGTERM still stops it.
+    let status = cluster.workers[0].stop(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "{status:?}; log:\n{}",
+        cluster.logs()
+    );
 }
 
 /// A controller that serves `-s nats` on the workers' subject prefix leaves the worker subjects

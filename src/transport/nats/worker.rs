@@ -12,7 +12,7 @@ use async_nats::{Client, RequestErrorKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Role, Server, flush, subscribe};
+use super::{FLUSH_TIMEOUT, Role, Server, flush, subscribe};
 use crate::api::Operation;
 use crate::api::worker::{self, Heartbeat};
 use crate::nats_client::{NatsError, NatsOptions, connect, redact_url};
@@ -159,8 +159,12 @@ async fn send_heartbeats(
     }
     heartbeat.stopping = true;
     publish(&client, &subject, &heartbeat).await;
-    if let Err(error) = client.flush().await {
-        warn!(error = %error, "cannot flush the last heartbeat");
+    // A flush waits for the connection, so without a bound a worker stopped while NATS is down
+    // would never exit.
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(error = %error, "cannot flush the last heartbeat"),
+        Err(_elapsed) => warn!("flushing the last heartbeat timed out; NATS is unreachable"),
     }
 }
 

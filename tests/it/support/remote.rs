@@ -156,6 +156,21 @@ impl Worker {
         self.cache_dir().join("workspaces").join(id).join("root")
     }
 
+    /// Sends SIGTERM and returns the exit status once the worker exits, or `None` when it is
+    /// still running after `within`.
+    pub fn stop(&mut self, within: Duration) -> Option<ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Kills the worker with SIGKILL, as a crash or a lost machine would, and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -184,16 +199,9 @@ impl Drop for Worker {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if self.stop(Duration::from_secs(30)).is_none() {
+            self.kill();
         }
-        self.kill();
     }
 }
 
