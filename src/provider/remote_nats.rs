@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::worker::{self, Heartbeat};
@@ -71,6 +72,10 @@ pub struct RemoteNats {
     /// The owner of each workspace, by workspace id.
     owners: Mutex<HashMap<String, String>>,
     heartbeats: JoinHandle<()>,
+    /// Cancelled once a shutdown's grace has passed: requests still waiting for a worker then
+    /// get `provider_unavailable`, so that the transports' graceful shutdown ends.
+    abandon: CancellationToken,
+    abandon_task: JoinHandle<()>,
 }
 
 /// The controller's record of one worker.
@@ -83,13 +88,17 @@ struct WorkerStatus {
 impl RemoteNats {
     /// Connects to NATS, starts following the workers' heartbeats and waits up to
     /// `DISCOVERY_WAIT` for the first one. `config_name` is the configuration the workers should
-    /// serve; a worker with another one is logged as a warning.
+    /// serve; a worker with another one is logged as a warning. Once `shutdown` is cancelled and
+    /// `grace` has passed, requests still waiting for a worker get `provider_unavailable`, while
+    /// the worker goes on with them.
     ///
     /// # Errors
     /// Fails as the NATS transport does on invalid options or a failed connection.
     pub async fn connect(
         options: &NatsOptions,
         config_name: &str,
+        shutdown: CancellationToken,
+        grace: Duration,
     ) -> Result<RemoteNats, NatsError> {
         options.validate()?;
         let client = connect(options).await?;
@@ -109,6 +118,8 @@ impl RemoteNats {
             config_name.to_owned(),
         ));
 
+        let abandon = CancellationToken::new();
+        let abandon_task = tokio::spawn(abandon_after_grace(shutdown, grace, abandon.clone()));
         let remote = RemoteNats {
             client,
             url: redact_url(&options.url),
@@ -117,6 +128,8 @@ impl RemoteNats {
             workers,
             owners: Mutex::new(HashMap::new()),
             heartbeats,
+            abandon,
+            abandon_task,
         };
 
         let deadline = Instant::now() + DISCOVERY_WAIT;
@@ -175,10 +188,18 @@ impl RemoteNats {
         )))
     }
 
-    /// Waits until `worker` is no longer live and returns the error that says so.
+    /// Waits until `worker` is no longer live, or until the shutdown's grace has passed, and
+    /// returns the error that says so.
     async fn until_gone(&self, worker: &str, role: &str) -> Error {
         loop {
-            tokio::time::sleep(LIVENESS_POLL).await;
+            tokio::select! {
+                () = tokio::time::sleep(LIVENESS_POLL) => {}
+                () = self.abandon.cancelled() => return Error::ProviderUnavailable(format!(
+                    "the controller stopped before worker `{worker}` ({role}) replied; the \
+                     worker goes on with the request, so check the workspace before sending it \
+                     again"
+                )),
+            }
             if let Err(error) = self.check_live(worker, role) {
                 return error;
             }
@@ -483,6 +504,7 @@ impl Service for RemoteNats {
 impl Drop for RemoteNats {
     fn drop(&mut self) {
         self.heartbeats.abort();
+        self.abandon_task.abort();
     }
 }
 
@@ -490,6 +512,21 @@ impl WorkerStatus {
     fn is_live(&self) -> bool {
         !self.stopping && self.last_seen.elapsed() <= WORKER_SILENCE
     }
+}
+
+/// Cancels `abandon` once `shutdown` is cancelled and `grace` has passed.
+async fn abandon_after_grace(
+    shutdown: CancellationToken,
+    grace: Duration,
+    abandon: CancellationToken,
+) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+    info!(
+        grace_seconds = grace.as_secs(),
+        "requests still waiting for workers at shutdown get provider_unavailable"
+    );
+    abandon.cancel();
 }
 
 /// Records every heartbeat in `workers`, logging workers that join, stop, or serve another

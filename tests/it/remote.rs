@@ -486,3 +486,82 @@ async fn duplicate_worker_id_is_refused() {
         listed.body
     );
 }
+
+/// A controller stopped with SIGTERM answers a forwarded command that outlives
+/// `--shutdown-grace` with `503 provider_unavailable` and exits, while the worker goes on with
+/// the command. At start it names the flags that only workers use in one warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_shutdown_honours_grace() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start(&config, 1);
+    let flags = [
+        "--shutdown-grace",
+        "1",
+        "--max-workspaces",
+        "5",
+        "--idle-timeout",
+        "60",
+    ];
+    let mut controller = cluster.controller_with(&config, &flags);
+    let log = controller.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("ignores these flags"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("flags=--cache-dir --state-dir --max-workspaces --idle-timeout"),
+        "{}",
+        warnings[0]
+    );
+
+    let id = controller.create_id().await;
+    let command = "sleep 47; echo finished";
+    let request = {
+        let url = format!("{}/workspaces/{id}/cmd_with_output", controller.base_url());
+        tokio::spawn(async move {
+            let body = json!({ "cmd": command, "timeout": 120 });
+            let reply = reqwest::Client::new().post(url).json(&body).send().await;
+            let reply = reply.expect("the controller replies before it exits");
+            let status = reply.status().as_u16();
+            (status, reply.json::<Value>().await.expect("json body"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || !processes_matching(command)
+            .is_empty())
+        .await,
+        "the command never started"
+    );
+
+    let stopped_at = Instant::now();
+    controller.terminate();
+    let (status, body) = request.await.expect("request task");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "provider_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("the controller stopped before worker `worker-1`"),
+        "{message}"
+    );
+    assert!(
+        wait_until(FAILURE_BOUND, || controller.exit_status().is_some()).await,
+        "the controller did not exit; log:\n{}",
+        controller.log()
+    );
+    assert!(
+        stopped_at.elapsed() < FAILURE_BOUND,
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    assert!(
+        !processes_matching(command).is_empty(),
+        "the worker's command stopped"
+    );
+
+    let second = cluster.controller(&config);
+    let destroyed = second
+        .request("DELETE", &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(destroyed.body, json!(true));
+}

@@ -222,11 +222,15 @@ impl Cluster {
 
     /// Starts an HTTP controller with `-p remote_nats` in front of the workers.
     pub fn controller(&self, config: &Value) -> Derrick {
-        Derrick::start_with(
-            config,
-            &["-p", "remote_nats", "--nats-url", &self.server.url()],
-            &[],
-        )
+        self.controller_with(config, &[])
+    }
+
+    /// Starts an HTTP controller with extra flags, such as `--shutdown-grace 1`.
+    pub fn controller_with(&self, config: &Value, flags: &[&str]) -> Derrick {
+        let url = self.server.url();
+        let mut args = vec!["-p", "remote_nats", "--nats-url", &url];
+        args.extend_from_slice(flags);
+        Derrick::start_with(config, &args, &[])
     }
 
     /// Returns the worker with this id.
