@@ -2,16 +2,20 @@
 //! each running the `local` or `docker` provider on its own machine.
 //!
 //! A create goes to the workers' queue group, so exactly one live worker takes it, and that
-//! worker owns the workspace. The provider remembers each workspace's owner from the create
-//! reply and from list replies. A controller that restarts, or receives an id it has not seen,
-//! requests the list of every worker, so no table is lost with the controller. Listing merges the
-//! replies of all workers that answer within `LIST_TIMEOUT`.
+//! worker owns the workspace. A worker at its `--max-workspaces` rejects it, and the create then
+//! goes to each other live worker's own subject in turn. The provider remembers each workspace's
+//! owner from the create reply and from list replies. A controller that restarts, or receives an
+//! id it has not seen, requests the list of every worker, so no table is lost with the
+//! controller. Listing merges the replies of all workers that reply within `LIST_TIMEOUT`. When
+//! none replies, or the controller is not connected to NATS, the list is `provider_unavailable`
+//! rather than empty.
 //!
 //! Workers publish a heartbeat every second. A worker whose last heartbeat is older than
 //! `WORKER_SILENCE`, or that said it stops, is gone: operations on its workspaces get
 //! `provider_unavailable` at once, and a request already waiting for it gets the same error as
 //! soon as the silence is noticed. No request has a deadline of its own otherwise, so a command
-//! runs for as long as its `timeout` allows while its worker lives.
+//! runs for as long as its `timeout` allows while its worker lives, until a shutdown's grace has
+//! passed.
 //!
 //! Invariant: requests and replies are the wire types of `api`, and the controller holds no
 //! repository credential: each worker's engine fills its own Git mirrors.

@@ -2,8 +2,9 @@
 //! worker subjects of `api::worker`, and publishes a heartbeat every `HEARTBEAT_INTERVAL`.
 //!
 //! The worker takes creates from a queue group shared with the other workers, and owns the
-//! workspaces it creates: later operations on them arrive on subjects that carry its id. Its
-//! engine fills its own Git mirrors, so repository credentials stay on the worker's machine.
+//! workspaces it creates: later operations on them arrive on subjects that carry its id, so it
+//! does not start when a live worker already replies on them. Its engine fills its own Git
+//! mirrors, so repository credentials stay on the worker's machine.
 
 use std::sync::Arc;
 use std::time::Duration;
