@@ -457,6 +457,18 @@ mod tests {
     }
 
     #[test]
+    fn every_code_round_trips() {
+        for error in crate::error::samples() {
+            let sent = serde_json::to_value(ErrorBody::from_error(&error)).expect("json");
+            let received: ErrorBody = serde_json::from_value(sent.clone()).expect("body");
+            let rebuilt = received.into_error();
+            assert_eq!(rebuilt.code(), error.code(), "{sent}");
+            let resent = serde_json::to_value(ErrorBody::from_error(&rebuilt)).expect("json");
+            assert_eq!(resent, sent);
+        }
+    }
+
+    #[test]
     fn forwarded_errors_keep_code_and_fields() {
         let cases = [
             Error::FileNotFound {

@@ -370,7 +370,15 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
     let (shutdown, force) = watch_signals();
     if remote {
         // The workers own the workspaces, so a stopping controller leaves them as they are.
-        let remote = RemoteNats::connect(&cli.nats.to_options(), &config.name).await?;
+        warn_ignored_by_controller(cli);
+        let grace = Duration::from_secs(cli.engine.shutdown_grace);
+        let remote = RemoteNats::connect(
+            &cli.nats.to_options(),
+            &config.name,
+            shutdown.clone(),
+            grace,
+        )
+        .await?;
         serve(cli, Arc::new(remote), shutdown).await?;
         info!("stopped");
         return Ok(());
@@ -382,6 +390,40 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
     served?;
     info!("stopped");
     Ok(())
+}
+
+/// Logs one warning naming the flags that a `-p remote_nats` controller ignores because the
+/// workers run the workspaces.
+///
+/// NOTE: a flag counts as given when its value differs from the default, so one given with its
+/// default value is not named; clap's `value_source` would need the `ArgMatches` that
+/// `Cli::parse` does not keep.
+fn warn_ignored_by_controller(cli: &Cli) {
+    let store = &cli.store;
+    let engine = &cli.engine;
+    let flags = [
+        ("--cache-dir", store.cache_dir.is_some()),
+        ("--state-dir", store.state_dir.is_some()),
+        ("--layers", store.layers != LayersFlag::Auto),
+        ("--cache-max-bytes", store.cache_max_bytes.is_some()),
+        ("--setup-timeout", engine.setup_timeout.is_some()),
+        (
+            "--max-workspaces",
+            engine.max_workspaces != DEFAULT_MAX_WORKSPACES,
+        ),
+        ("--idle-timeout", engine.idle_timeout.is_some()),
+    ];
+    let given: Vec<&str> = flags
+        .iter()
+        .filter(|(_, given)| *given)
+        .map(|(flag, _)| *flag)
+        .collect();
+    if !given.is_empty() {
+        tracing::warn!(
+            flags = %given.join(" "),
+            "-p remote_nats ignores these flags because the workers run the workspaces; set them on each `derrick worker`"
+        );
+    }
 }
 
 /// Runs `derrick worker` until SIGTERM or Ctrl-C; its workspaces stay for the next start.

@@ -119,7 +119,7 @@ pub enum Error {
 }
 
 /// Every code of the wire contract.
-pub const CODES: [&str; 15] = [
+pub const CODES: [&str; 16] = [
     "invalid_request",
     "invalid_base64",
     "path_outside_workspace",
@@ -133,6 +133,7 @@ pub const CODES: [&str; 15] = [
     "command_failed",
     "setup_failed",
     "git_failed",
+    "workspace_limit_reached",
     "provider_unavailable",
     "internal",
 ];
@@ -181,5 +182,115 @@ impl Error {
 impl From<tokio::task::JoinError> for Error {
     fn from(error: tokio::task::JoinError) -> Self {
         Error::internal("blocking task failed", error)
+    }
+}
+
+/// One error of each variant, for tests that must cover every code.
+#[cfg(test)]
+pub(crate) fn samples() -> Vec<Error> {
+    let text = || "x".to_owned();
+    vec![
+        Error::InvalidRequest(text()),
+        Error::InvalidBase64 {
+            field: "content",
+            reason: text(),
+        },
+        Error::PathOutsideWorkspace { path: text() },
+        Error::Unauthorized,
+        Error::WorkspaceNotFound { id: text() },
+        Error::RouteNotFound {
+            method: text(),
+            path: text(),
+        },
+        Error::MethodNotAllowed {
+            method: text(),
+            path: text(),
+        },
+        Error::BodyTooLarge { limit: 1 },
+        Error::FileNotFound {
+            id: text(),
+            path: text(),
+        },
+        Error::InvalidTransition {
+            id: text(),
+            state: text(),
+            op: text(),
+            allowed: text(),
+        },
+        Error::PayloadTooLarge {
+            what: text(),
+            size: 2,
+            limit: 1,
+        },
+        Error::CommandFailed {
+            exit_code: 1,
+            output: text(),
+            truncated: false,
+        },
+        Error::SetupFailed {
+            id: text(),
+            exit_code: 1,
+            output: text(),
+        },
+        Error::GitFailed {
+            step: "fetch",
+            url: text(),
+            reason: text(),
+        },
+        Error::WorkspaceLimitReached { limit: 1 },
+        Error::ProviderUnavailable(text()),
+        Error::Internal(text()),
+        Error::Forwarded {
+            code: "file_not_found",
+            message: text(),
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The position of `error`'s variant in `samples`. The match has no wildcard, so a new
+    /// variant does not compile until it is added here and to `samples`.
+    fn variant_index(error: &Error) -> usize {
+        match error {
+            Error::InvalidRequest(_) => 0,
+            Error::InvalidBase64 { .. } => 1,
+            Error::PathOutsideWorkspace { .. } => 2,
+            Error::Unauthorized => 3,
+            Error::WorkspaceNotFound { .. } => 4,
+            Error::RouteNotFound { .. } => 5,
+            Error::MethodNotAllowed { .. } => 6,
+            Error::BodyTooLarge { .. } => 7,
+            Error::FileNotFound { .. } => 8,
+            Error::InvalidTransition { .. } => 9,
+            Error::PayloadTooLarge { .. } => 10,
+            Error::CommandFailed { .. } => 11,
+            Error::SetupFailed { .. } => 12,
+            Error::GitFailed { .. } => 13,
+            Error::WorkspaceLimitReached { .. } => 14,
+            Error::ProviderUnavailable(_) => 15,
+            Error::Internal(_) => 16,
+            Error::Forwarded { .. } => 17,
+        }
+    }
+
+    #[test]
+    fn every_code_is_listed() {
+        let samples = samples();
+        let indices: Vec<usize> = samples.iter().map(variant_index).collect();
+        assert_eq!(indices, (0..=17).collect::<Vec<_>>());
+
+        let mut codes: Vec<&str> = samples.iter().map(Error::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let mut listed = CODES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(codes, listed);
+        for code in CODES {
+            assert_eq!(Error::known_code(code), Some(code));
+        }
+        assert_eq!(Error::known_code("novel_code"), None);
     }
 }

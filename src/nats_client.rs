@@ -110,6 +110,13 @@ pub enum NatsError {
     #[error("cannot subscribe to `{subject}` on NATS: {reason}")]
     Subscribe { subject: String, reason: String },
 
+    /// Another process already serves the subjects of this worker id.
+    #[error(
+        "worker id `{id}` is already in use: {reason}; give each worker its own --worker-id, or \
+         stop the other worker first"
+    )]
+    WorkerIdInUse { id: String, reason: String },
+
     /// The subscription ended while derrick was serving, so no request can reach it.
     #[error("the NATS subscription to `{subject}` closed; restart derrick")]
     SubscriptionClosed { subject: String },

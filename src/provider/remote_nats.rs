@@ -2,16 +2,20 @@
 //! each running the `local` or `docker` provider on its own machine.
 //!
 //! A create goes to the workers' queue group, so exactly one live worker takes it, and that
-//! worker owns the workspace. The provider remembers each workspace's owner from the create
-//! reply and from list replies. A controller that restarts, or receives an id it has not seen,
-//! requests the list of every worker, so no table is lost with the controller. Listing merges the
-//! replies of all workers that answer within `LIST_TIMEOUT`.
+//! worker owns the workspace. A worker at its `--max-workspaces` rejects it, and the create then
+//! goes to each other live worker's own subject in turn. The provider remembers each workspace's
+//! owner from the create reply and from list replies. A controller that restarts, or receives an
+//! id it has not seen, requests the list of every worker, so no table is lost with the
+//! controller. Listing merges the replies of all workers that reply within `LIST_TIMEOUT`. When
+//! none replies, or the controller is not connected to NATS, the list is `provider_unavailable`
+//! rather than empty.
 //!
 //! Workers publish a heartbeat every second. A worker whose last heartbeat is older than
 //! `WORKER_SILENCE`, or that said it stops, is gone: operations on its workspaces get
 //! `provider_unavailable` at once, and a request already waiting for it gets the same error as
 //! soon as the silence is noticed. No request has a deadline of its own otherwise, so a command
-//! runs for as long as its `timeout` allows while its worker lives.
+//! runs for as long as its `timeout` allows while its worker lives, until a shutdown's grace has
+//! passed.
 //!
 //! Invariant: requests and replies are the wire types of `api`, and the controller holds no
 //! repository credential: each worker's engine fills its own Git mirrors.
@@ -20,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::{Client, Message, StatusCode, Subscriber};
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -28,6 +33,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::worker::{self, Heartbeat};
@@ -62,12 +68,18 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 /// The `remote_nats` provider: a `Service` whose operations run on workers.
 pub struct RemoteNats {
     client: Client,
+    /// The server URL without user info, for errors.
+    url: String,
     prefix: String,
     machine: StateMachine,
     workers: Arc<Mutex<HashMap<String, WorkerStatus>>>,
     /// The owner of each workspace, by workspace id.
     owners: Mutex<HashMap<String, String>>,
     heartbeats: JoinHandle<()>,
+    /// Cancelled once a shutdown's grace has passed: requests still waiting for a worker then
+    /// get `provider_unavailable`, so that the transports' graceful shutdown ends.
+    abandon: CancellationToken,
+    abandon_task: JoinHandle<()>,
 }
 
 /// The controller's record of one worker.
@@ -80,13 +92,17 @@ struct WorkerStatus {
 impl RemoteNats {
     /// Connects to NATS, starts following the workers' heartbeats and waits up to
     /// `DISCOVERY_WAIT` for the first one. `config_name` is the configuration the workers should
-    /// serve; a worker with another one is logged as a warning.
+    /// serve; a worker with another one is logged as a warning. Once `shutdown` is cancelled and
+    /// `grace` has passed, requests still waiting for a worker get `provider_unavailable`, while
+    /// the worker goes on with them.
     ///
     /// # Errors
     /// Fails as the NATS transport does on invalid options or a failed connection.
     pub async fn connect(
         options: &NatsOptions,
         config_name: &str,
+        shutdown: CancellationToken,
+        grace: Duration,
     ) -> Result<RemoteNats, NatsError> {
         options.validate()?;
         let client = connect(options).await?;
@@ -106,13 +122,18 @@ impl RemoteNats {
             config_name.to_owned(),
         ));
 
+        let abandon = CancellationToken::new();
+        let abandon_task = tokio::spawn(abandon_after_grace(shutdown, grace, abandon.clone()));
         let remote = RemoteNats {
             client,
+            url: redact_url(&options.url),
             prefix: options.subject_prefix.clone(),
             machine: StateMachine::builtin().expect("the built-in state machine is valid"),
             workers,
             owners: Mutex::new(HashMap::new()),
             heartbeats,
+            abandon,
+            abandon_task,
         };
 
         let deadline = Instant::now() + DISCOVERY_WAIT;
@@ -171,10 +192,18 @@ impl RemoteNats {
         )))
     }
 
-    /// Waits until `worker` is no longer live and returns the error that says so.
+    /// Waits until `worker` is no longer live, or until the shutdown's grace has passed, and
+    /// returns the error that says so.
     async fn until_gone(&self, worker: &str, role: &str) -> Error {
         loop {
-            tokio::time::sleep(LIVENESS_POLL).await;
+            tokio::select! {
+                () = tokio::time::sleep(LIVENESS_POLL) => {}
+                () = self.abandon.cancelled() => return Error::ProviderUnavailable(format!(
+                    "the controller stopped before worker `{worker}` ({role}) replied; the \
+                     worker goes on with the request, so check the workspace before sending it \
+                     again"
+                )),
+            }
             if let Err(error) = self.check_live(worker, role) {
                 return error;
             }
@@ -208,6 +237,9 @@ impl RemoteNats {
         operation: Operation,
         body: impl Serialize,
     ) -> Result<T> {
+        // Checked first, so that the error names NATS rather than the workers that went silent
+        // because of it.
+        self.check_connected()?;
         let worker = self.owner(id).await?;
         let role = format!("the owner of workspace `{id}`");
         self.check_live(&worker, &role)?;
@@ -232,6 +264,19 @@ impl RemoteNats {
         decode_reply(&reply.payload, &worker)
     }
 
+    /// Fails at once while the client is not connected to NATS: it would buffer the request until
+    /// it reconnects, and a list would wait for replies that cannot come.
+    fn check_connected(&self) -> Result<()> {
+        if self.client.connection_state() == State::Connected {
+            return Ok(());
+        }
+        Err(Error::ProviderUnavailable(format!(
+            "the controller is not connected to NATS at {}, so no worker can be reached; check \
+             that nats-server runs there (the controller reconnects by itself)",
+            self.url
+        )))
+    }
+
     /// Rejects a request that the NATS server would refuse for its size.
     fn check_size(&self, subject: &str, size: usize) -> Result<()> {
         let limit = self.client.server_info().max_payload;
@@ -253,6 +298,7 @@ impl RemoteNats {
                 "cannot send `{subject}` over NATS: {error}; check the connection to NATS"
             ))
         };
+        self.check_connected()?;
         self.check_size(subject, payload.len())?;
         let inbox = self.client.new_inbox();
         let replies = self
@@ -265,6 +311,44 @@ impl RemoteNats {
             .await
             .map_err(|error| unavailable(&error))?;
         Ok(replies)
+    }
+
+    /// Sends a create to `subject`, the queue group or one worker's own subject, and returns the
+    /// worker that took it with its reply. The error is one of the create's own (an `Err` of the
+    /// outer result means that no worker took it or that the worker went away).
+    async fn create_on(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+    ) -> Result<(String, Result<api::CreateResponse>)> {
+        let mut replies = self.publish_request(subject, payload).await?;
+        let no_worker = || {
+            Error::ProviderUnavailable(format!(
+                "no derrick worker took the create on `{subject}`; start one with `derrick worker`"
+            ))
+        };
+        let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, replies.next())
+            .await
+            .ok()
+            .flatten()
+            .filter(|message| message.status != Some(StatusCode::NO_RESPONDERS))
+            .ok_or_else(no_worker)?;
+        let worker = worker_of(&accepted).ok_or_else(no_worker)?;
+        self.mark_seen(&worker);
+
+        let reply = tokio::select! {
+            reply = replies.next() => reply.ok_or_else(no_worker)?,
+            error = self.until_gone(&worker, "the worker that took this create") => return Err(error),
+        };
+        let created = decode_reply::<api::CreateResponse>(&reply.payload, &worker);
+        match &created {
+            Ok(response) => self.set_owner(&response.id, &worker),
+            Err(Error::SetupFailed { id, .. }) => self.set_owner(id, &worker),
+            Err(_) => {}
+        }
+        let code = created.as_ref().map_or_else(Error::code, |_| "ok");
+        info!(worker = %worker, code, "create forwarded");
+        Ok((worker, created))
     }
 
     /// Asks every worker for its workspaces, learns their owners, and returns the replies of the
@@ -303,6 +387,16 @@ impl RemoteNats {
         for silent in expected.difference(&answered) {
             warn!(worker = %silent, "worker did not answer the list in time");
         }
+        if answered.is_empty() {
+            // An empty list would claim that no workspace exists, while the workers that hold
+            // them may only be stopped or unreachable.
+            return Err(Error::ProviderUnavailable(format!(
+                "no derrick worker answered `{subject}` within {} s, so the workspaces cannot be \
+                 listed; start a worker with `derrick worker`, or check the workers' connection \
+                 to NATS",
+                LIST_TIMEOUT.as_secs()
+            )));
+        }
         Ok(workspaces)
     }
 }
@@ -314,38 +408,43 @@ impl Service for RemoteNats {
     }
 
     async fn create(&self, request: api::CreateRequest) -> Result<api::CreateResponse> {
-        let subject = worker::create_subject(&self.prefix);
         let payload = serde_json::to_vec(&request)
             .map_err(|error| Error::internal("cannot encode the create request", error))?;
         // NOTE: the NATS server picks a random member of the queue group, not the least busy
         // worker, so creates spread evenly in number but not by load.
-        let mut replies = self.publish_request(&subject, payload).await?;
-        let no_worker = || {
-            Error::ProviderUnavailable(format!(
-                "no derrick worker took the create on `{subject}`; start one with `derrick worker`"
-            ))
-        };
-        let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, replies.next())
-            .await
-            .ok()
-            .flatten()
-            .filter(|message| message.status != Some(StatusCode::NO_RESPONDERS))
-            .ok_or_else(no_worker)?;
-        let worker = worker_of(&accepted).ok_or_else(no_worker)?;
-        self.mark_seen(&worker);
-
-        let reply = tokio::select! {
-            reply = replies.next() => reply.ok_or_else(no_worker)?,
-            error = self.until_gone(&worker, "the worker that took this create") => return Err(error),
-        };
-        let created = decode_reply::<api::CreateResponse>(&reply.payload, &worker);
-        match &created {
-            Ok(response) => self.set_owner(&response.id, &worker),
-            Err(Error::SetupFailed { id, .. }) => self.set_owner(id, &worker),
-            Err(_) => {}
+        let subject = worker::create_subject(&self.prefix);
+        let (worker, created) = self.create_on(&subject, payload.clone()).await?;
+        if !is_full(&created) {
+            return created;
         }
-        info!(worker = %worker, ok = created.is_ok(), "create forwarded");
-        created
+
+        // The queue group cannot skip a full worker, so the other live workers are asked in turn
+        // on their own subjects, each at most once.
+        let mut full = vec![worker];
+        let mut others: Vec<String> = self.live_workers().into_iter().collect();
+        others.sort_unstable();
+        for other in others {
+            if full.contains(&other) {
+                continue;
+            }
+            let subject = worker::operation_subject(&self.prefix, &other, Operation::Create);
+            match self.create_on(&subject, payload.clone()).await {
+                Ok((worker, created)) if is_full(&created) => full.push(worker),
+                Ok((_, created)) => return created,
+                Err(error) => {
+                    warn!(worker = %other, error = %error, "worker did not take a retried create")
+                }
+            }
+        }
+        info!(workers = %full.join(", "), "every live worker refused the create as full");
+        Err(Error::Forwarded {
+            code: "workspace_limit_reached",
+            message: format!(
+                "every live derrick worker ({}) has reached its --max-workspaces limit; destroy \
+                 workspaces that are no longer needed, start another worker, or raise the limit",
+                full.join(", ")
+            ),
+        })
     }
 
     async fn list(&self) -> Result<api::ListResponse> {
@@ -409,6 +508,7 @@ impl Service for RemoteNats {
 impl Drop for RemoteNats {
     fn drop(&mut self) {
         self.heartbeats.abort();
+        self.abandon_task.abort();
     }
 }
 
@@ -416,6 +516,21 @@ impl WorkerStatus {
     fn is_live(&self) -> bool {
         !self.stopping && self.last_seen.elapsed() <= WORKER_SILENCE
     }
+}
+
+/// Cancels `abandon` once `shutdown` is cancelled and `grace` has passed.
+async fn abandon_after_grace(
+    shutdown: CancellationToken,
+    grace: Duration,
+    abandon: CancellationToken,
+) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+    info!(
+        grace_seconds = grace.as_secs(),
+        "requests still waiting for workers at shutdown get provider_unavailable"
+    );
+    abandon.cancel();
 }
 
 /// Records every heartbeat in `workers`, logging workers that join, stop, or serve another
@@ -452,6 +567,11 @@ async fn follow_heartbeats(
         }
     }
     warn!("the heartbeat subscription closed; workers will look silent");
+}
+
+/// Tells whether a worker refused a create because it is at its `--max-workspaces` limit.
+fn is_full(created: &Result<api::CreateResponse>) -> bool {
+    matches!(created, Err(error) if error.code() == "workspace_limit_reached")
 }
 
 /// Returns the worker id in a reply's header.

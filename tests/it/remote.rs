@@ -324,6 +324,63 @@ async fn stopped_worker_is_unavailable_at_once() {
     let create = controller.request("POST", "/workspaces", None).await;
     let message = check_error(&create, 503, "provider_unavailable", "create");
     assert!(message.contains("derrick worker"), "{message}");
+
+    // The stopped worker keeps its workspace, so an empty list would be wrong.
+    let listed = controller.get("/workspaces").await;
+    let message = check_error(&listed, 503, "provider_unavailable", "list");
+    assert!(
+        message.contains("no derrick worker answered `derrick.worker.list`"),
+        "{message}"
+    );
+}
+
+/// With the NATS server down, the controller answers `503 provider_unavailable` naming NATS,
+/// for a list as for an operation on a known workspace, instead of an empty list, and a worker
+/// stopped with SIGTERM exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_without_nats_is_unavailable() {
+    let (_repository, config) = sample_config();
+    let mut cluster = Cluster::start(&config, 1);
+    let controller = cluster.controller(&config);
+    let id = controller.create_id().await;
+
+    cluster.server.kill();
+    // Until the controller's client notices the closed connection, a list goes out and gets no
+    // answer, which is `provider_unavailable` as well.
+    let deadline = Instant::now() + FAILURE_BOUND;
+    let message = loop {
+        let listed = controller.get("/workspaces").await;
+        let message = check_error(&listed, 503, "provider_unavailable", "list");
+        if message.contains("not connected to NATS") || Instant::now() > deadline {
+            break message;
+        }
+        assert!(message.contains("no derrick worker answered"), "{message}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        message.contains("the controller is not connected to NATS at nats://127.0.0.1:"),
+        "{message}"
+    );
+
+    let started = Instant::now();
+    let command = controller
+        .post(&format!("/workspaces/{id}/cmd"), json!({ "cmd": "true" }))
+        .await;
+    let message = check_error(&command, 503, "provider_unavailable", "command");
+    assert!(message.contains("not connected to NATS"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The worker's shutdown bounds its waits for NATS, so SIGTERM still stops it.
+    let status = cluster.workers[0].stop(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "{status:?}; log:\n{}",
+        cluster.logs()
+    );
 }
 
 /// A controller that serves `-s nats` on the workers' subject prefix leaves the worker subjects
@@ -366,4 +423,145 @@ async fn long_command_replies_through_a_worker() {
     assert_eq!(reply.body["output"], "ok\n");
     assert_eq!(reply.body["exit_code"], 0);
     assert_eq!(reply.body["timed_out"], false);
+}
+
+/// Two workers with `--max-workspaces 1`: the second create reaches the worker that still has
+/// room, whichever worker the queue group picks, and the third is `429 workspace_limit_reached`
+/// naming both workers, as a full local derrick answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_worker_passes_create_on() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start_with(&config, 2, &["--max-workspaces", "1"]);
+    let controller = cluster.controller(&config);
+
+    let first = controller.create_id().await;
+    let second = controller.create_id().await;
+    let mut owners = [owner_of(&cluster, &first), owner_of(&cluster, &second)];
+    owners.sort_unstable();
+    assert_eq!(owners, ["worker-1", "worker-2"]);
+
+    let refused = controller.request("POST", "/workspaces", None).await;
+    let message = check_error(&refused, 429, "workspace_limit_reached", "third create");
+    for expected in ["worker-1", "worker-2", "--max-workspaces"] {
+        assert!(message.contains(expected), "{expected} missing: {message}");
+    }
+    let listed = controller.get("/workspaces").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.body["workspaces"].as_array().expect("list").len(), 2);
+
+    let freed = owner_of(&cluster, &first);
+    controller
+        .request("DELETE", &format!("/workspaces/{first}"), None)
+        .await;
+    let third = controller.create_id().await;
+    assert_eq!(owner_of(&cluster, &third), freed);
+}
+
+/// A worker started with the id of a live worker exits with an error that names the id, and the
+/// first worker's workspaces stay reachable and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_worker_id_is_refused() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start(&config, 1);
+    let controller = cluster.controller(&config);
+    let id = controller.create_id().await;
+
+    let (status, log) = Worker::run_to_exit(&cluster.server, &config, "worker-1", &[]);
+    assert!(
+        !status.success(),
+        "the duplicate worker served; log:\n{log}"
+    );
+    assert!(
+        log.contains("worker id `worker-1` is already in use: a live worker answered"),
+        "{log}"
+    );
+    assert!(log.contains("--worker-id"), "{log}");
+
+    assert_eq!(controller.output(&id, "cat setup.txt").await, "set\n");
+    let listed = controller.get("/workspaces").await;
+    assert_eq!(
+        listed.body["workspaces"][0]["id"],
+        id.as_str(),
+        "{}",
+        listed.body
+    );
+}
+
+/// A controller stopped with SIGTERM answers a forwarded command that outlives
+/// `--shutdown-grace` with `503 provider_unavailable` and exits, while the worker goes on with
+/// the command. At start it names the flags that only workers use in one warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_shutdown_honours_grace() {
+    let (_repository, config) = sample_config();
+    let cluster = Cluster::start(&config, 1);
+    let flags = [
+        "--shutdown-grace",
+        "1",
+        "--max-workspaces",
+        "5",
+        "--idle-timeout",
+        "60",
+    ];
+    let mut controller = cluster.controller_with(&config, &flags);
+    let log = controller.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("ignores these flags"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("flags=--cache-dir --state-dir --max-workspaces --idle-timeout"),
+        "{}",
+        warnings[0]
+    );
+
+    let id = controller.create_id().await;
+    let command = "sleep 47; echo finished";
+    let request = {
+        let url = format!("{}/workspaces/{id}/cmd_with_output", controller.base_url());
+        tokio::spawn(async move {
+            let body = json!({ "cmd": command, "timeout": 120 });
+            let reply = reqwest::Client::new().post(url).json(&body).send().await;
+            let reply = reply.expect("the controller replies before it exits");
+            let status = reply.status().as_u16();
+            (status, reply.json::<Value>().await.expect("json body"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || !processes_matching(command)
+            .is_empty())
+        .await,
+        "the command never started"
+    );
+
+    let stopped_at = Instant::now();
+    controller.terminate();
+    let (status, body) = request.await.expect("request task");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "provider_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("the controller stopped before worker `worker-1`"),
+        "{message}"
+    );
+    assert!(
+        wait_until(FAILURE_BOUND, || controller.exit_status().is_some()).await,
+        "the controller did not exit; log:\n{}",
+        controller.log()
+    );
+    assert!(
+        stopped_at.elapsed() < FAILURE_BOUND,
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    assert!(
+        !processes_matching(command).is_empty(),
+        "the worker's command stopped"
+    );
+
+    let second = cluster.controller(&config);
+    let destroyed = second
+        .request("DELETE", &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(destroyed.body, json!(true));
 }

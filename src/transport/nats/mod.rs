@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::{Client, Message, Subject, Subscriber};
 use base64::Engine as _;
 use futures_util::StreamExt;
@@ -131,9 +132,22 @@ impl Server {
                 warn!(error = %error, "cannot unsubscribe from nats at shutdown");
             }
         }
-        // Requests that arrived before the unsubscribe are served like the others.
-        while let Some(message) = messages.next().await {
-            self.accept(&mut requests, message, &abandon);
+        // Requests that arrived before the unsubscribe are served like the others. The streams
+        // end once the client has processed the unsubscribes, which it does only while it is
+        // connected, so without a connection only the messages already received are taken.
+        let connected = self.client.connection_state() == State::Connected;
+        let wait = if connected {
+            FLUSH_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        let drain = async {
+            while let Some(message) = messages.next().await {
+                self.accept(&mut requests, message, &abandon);
+            }
+        };
+        if tokio::time::timeout(wait, drain).await.is_err() && connected {
+            warn!("the nats subscriptions did not end after the unsubscribe; stopped waiting");
         }
         self.finish(&mut requests, &abandon).await;
         if closed {

@@ -2,21 +2,29 @@
 //! worker subjects of `api::worker`, and publishes a heartbeat every `HEARTBEAT_INTERVAL`.
 //!
 //! The worker takes creates from a queue group shared with the other workers, and owns the
-//! workspaces it creates: later operations on them arrive on subjects that carry its id. Its
-//! engine fills its own Git mirrors, so repository credentials stay on the worker's machine.
+//! workspaces it creates: later operations on them arrive on subjects that carry its id, so it
+//! does not start when a live worker already replies on them. Its engine fills its own Git
+//! mirrors, so repository credentials stay on the worker's machine.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::Client;
+use async_nats::{Client, RequestErrorKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Role, Server, flush, subscribe};
+use super::{FLUSH_TIMEOUT, Role, Server, flush, subscribe};
+use crate::api::Operation;
 use crate::api::worker::{self, Heartbeat};
 use crate::nats_client::{NatsError, NatsOptions, connect, redact_url};
 use crate::service::Service;
 
 pub use crate::api::worker::HEARTBEAT_INTERVAL;
+
+/// How long the start-up check of the worker id waits for a worker that already uses it. A live
+/// worker answers `health` from memory within milliseconds, and the NATS server answers "no
+/// responders" at once when nothing subscribes, so only a stuck holder of the id takes this long.
+const ID_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a worker sends controllers about itself in each heartbeat.
 #[derive(Debug, Clone)]
@@ -60,6 +68,7 @@ pub async fn serve_worker(
         });
     }
     let client = connect(&options).await?;
+    check_id_unused(&client, &prefix, &identity.id).await?;
     let create = worker::create_subject(&prefix);
     let list = worker::list_subject(&prefix);
     let owned = worker::owned_subjects(&prefix, &identity.id);
@@ -102,6 +111,30 @@ pub async fn serve_worker(
     served
 }
 
+/// Fails when another process already serves the subjects of worker `id`, so that a second worker
+/// with the same id cannot take over the first one's workspace subjects. It sends `health` to
+/// the id's own subject: the NATS server answers "no responders" when the id is free.
+///
+/// NOTE: two workers that start with the same id at the same moment can both pass this check.
+async fn check_id_unused(client: &Client, prefix: &str, id: &str) -> Result<(), NatsError> {
+    let subject = worker::operation_subject(prefix, id, Operation::Health);
+    let request = client.request(subject.clone(), Vec::new().into());
+    let reason = match tokio::time::timeout(ID_CHECK_TIMEOUT, request).await {
+        Err(_elapsed) => format!(
+            "a subscriber of `{subject}` did not answer within {} s (a stuck worker, or the \
+             connection of one that died and that the NATS server has not closed yet)",
+            ID_CHECK_TIMEOUT.as_secs()
+        ),
+        Ok(Err(error)) if error.kind() == RequestErrorKind::NoResponders => return Ok(()),
+        Ok(Err(error)) => format!("the request to `{subject}` failed: {error}"),
+        Ok(Ok(_reply)) => format!("a live worker answered on `{subject}`"),
+    };
+    Err(NatsError::WorkerIdInUse {
+        id: id.to_owned(),
+        reason,
+    })
+}
+
 /// Publishes a heartbeat every `HEARTBEAT_INTERVAL` until `stop`, then one with `stopping`, so
 /// that controllers fail requests for this worker's workspaces at once instead of after the
 /// silence bound.
@@ -127,8 +160,12 @@ async fn send_heartbeats(
     }
     heartbeat.stopping = true;
     publish(&client, &subject, &heartbeat).await;
-    if let Err(error) = client.flush().await {
-        warn!(error = %error, "cannot flush the last heartbeat");
+    // A flush waits for the connection, so without a bound a worker stopped while NATS is down
+    // would never exit.
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(error = %error, "cannot flush the last heartbeat"),
+        Err(_elapsed) => warn!("flushing the last heartbeat timed out; NATS is unreachable"),
     }
 }
 

@@ -151,6 +151,12 @@ impl NatsServer {
             .unwrap_or_else(|error| panic!("cannot connect to {}: {error}", self.url()))
     }
 
+    /// Kills the server with SIGKILL, as an outage would, and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn log_path(&self) -> PathBuf {
         self.folder.path().join("nats.log")
     }
