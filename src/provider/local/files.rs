@@ -219,6 +219,32 @@ fn write_error(error: io::Error, path: &str) -> Error {
         Some(Errno::EBUSY) => Error::invalid_request(format!(
             "`{shown}` is a mount point in the workspace; write_file cannot replace it"
         )),
+        // A command removed or replaced a folder on the path while the write ran.
+        Some(Errno::ENOENT) => Error::invalid_request(format!(
+            "a folder on the path of `{shown}` was removed or replaced during the write; retry \
+             when the workspace's commands leave it alone"
+        )),
         _ => Error::internal(format!("cannot write `{shown}`"), error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_errors_of_the_workspace_are_client_errors() {
+        for errno in [
+            Errno::ENOTDIR,
+            Errno::EISDIR,
+            Errno::EROFS,
+            Errno::EBUSY,
+            Errno::ENOENT,
+        ] {
+            let error = write_error(io::Error::from_raw_os_error(errno as i32), "a/b.txt");
+            assert_eq!(error.code(), "invalid_request", "{errno}: {error}");
+        }
+        let error = write_error(io::Error::from_raw_os_error(Errno::EIO as i32), "a/b.txt");
+        assert_eq!(error.code(), "internal");
     }
 }
