@@ -539,3 +539,37 @@ async fn restart_re_adopts_workspace_containers() {
         "reset\n"
     );
 }
+
+/// A `derrick worker -p docker` serves a `remote_nats` controller: its workspaces are containers,
+/// and the worker's shutdown removes its spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_worker_serves_a_controller() {
+    let repository = sample_repository();
+    let name = format!(
+        "it-worker-{}",
+        WorkspaceId::generate().as_str().trim_start_matches("ws-")
+    );
+    let mut configuration = config(repository.path().display(), "echo ready > setup.txt");
+    configuration["name"] = json!(name);
+    let flags = ["-p", "docker", "--base-image", docker::test_image()];
+    let cluster = crate::support::remote::Cluster::start_with(&configuration, 1, &flags);
+    let controller = cluster.controller(&configuration);
+
+    let id = controller.create_id().await;
+    assert!(docker::container_exists(&id), "no container for {id}");
+    assert_eq!(
+        controller
+            .output(&id, "cat setup.txt; cat code/app/README.md")
+            .await,
+        "ready\nhello\n"
+    );
+    let destroyed = controller
+        .request("DELETE", &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(destroyed.status, 200, "{}", destroyed.body);
+    assert!(!docker::container_exists(&id));
+
+    drop(controller);
+    drop(cluster);
+    docker::remove_layers_of(&name);
+}

@@ -119,8 +119,15 @@ impl Worker {
             serde_json::to_vec_pretty(config).expect("json"),
         )
         .expect("write config");
+        let provider: &[&str] = if flags.contains(&"-p") {
+            &[]
+        } else {
+            &["-p", "local"]
+        };
         Command::new(env!("CARGO_BIN_EXE_derrick"))
-            .args(["worker", "-p", "local", "--worker-id", id, "-w"])
+            .arg("worker")
+            .args(provider)
+            .args(["--worker-id", id, "-w"])
             .arg(&config_path)
             .arg("--cache-dir")
             .arg(folder.path().join("cache"))
