@@ -464,7 +464,7 @@ impl Engine {
     }
 
     /// Destroys, through this engine's provider, every workspace recorded in another state
-    /// folder, and removes its records. Returns `None` when a running process holds that folder.
+    /// folder, and removes its records. Returns `None` when a running process locks that folder.
     pub async fn remove_recorded_workspaces(
         &self,
         state_dir: &std::path::Path,
