@@ -887,17 +887,7 @@ fn point_head(
 }
 
 fn update_checkout_blocking(checkout: &Checkout, destination: &Path) -> Result<CheckoutUpdate> {
-    let repository = git2::Repository::open(destination).map_err(|error| {
-        git_failed(
-            "update",
-            &checkout.url,
-            format!(
-                "cannot open the checkout `{}`: {}",
-                destination.display(),
-                error.message()
-            ),
-        )
-    })?;
+    let repository = open_checkout(checkout, destination)?;
     let before = head_oid(&repository).map_err(git2_failed("update", &checkout.url))?;
     fetch_from_mirror(&repository, checkout)?;
     let target = find_commit(&repository, checkout)?;
@@ -958,6 +948,57 @@ fn tracked_files_unchanged(
     let mut options = git2::StatusOptions::new();
     options.include_untracked(false).include_ignored(false);
     Ok(repository.statuses(Some(&mut options))?.is_empty())
+}
+
+/// Opens the checkout at `destination` (a host path) for an update, refusing one that a command
+/// in the workspace turned into a way out: derrick runs this on the host, often as root, so the
+/// checkout must be the plain folder with its own `.git` folder that derrick made, whose Git
+/// configuration points nowhere else (no `core.worktree`, gitfile, `commondir` or alternates).
+///
+/// # Errors
+/// `invalid_request` naming the checkout's workspace path, never the host path.
+fn open_checkout(checkout: &Checkout, destination: &Path) -> Result<git2::Repository> {
+    let refuse = |reason: &str| {
+        Error::invalid_request(format!(
+            "the checkout at `{}` {reason}, so derrick will not update it; restore it (a reset \
+             does) or leave it as derrick checked it out",
+            checkout.path
+        ))
+    };
+    let is_plain_folder = |path: &Path| {
+        std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_dir())
+    };
+    let git_dir = destination.join(".git");
+    if !is_plain_folder(destination) {
+        return Err(refuse(
+            "is not a folder (a command replaced it, with a link for example)",
+        ));
+    }
+    if !is_plain_folder(&git_dir) {
+        return Err(refuse("has no `.git` folder of its own"));
+    }
+    for redirect in ["commondir", "objects/info/alternates"] {
+        if std::fs::symlink_metadata(git_dir.join(redirect)).is_ok() {
+            return Err(refuse(&format!(
+                "has `.git/{redirect}`, which points to other repositories"
+            )));
+        }
+    }
+    let repository = git2::Repository::open_ext(
+        destination,
+        git2::RepositoryOpenFlags::NO_SEARCH,
+        std::iter::empty::<&std::ffi::OsStr>(),
+    )
+    .map_err(|_| refuse("is not a Git repository any more"))?;
+    let canonical = |path: &Path| std::fs::canonicalize(path).ok();
+    let work_tree = repository.workdir().and_then(canonical);
+    if work_tree.is_none() || work_tree != canonical(destination) {
+        return Err(refuse("sets `core.worktree` to another folder"));
+    }
+    if canonical(repository.path()) != canonical(&git_dir) {
+        return Err(refuse("uses a Git folder elsewhere"));
+    }
+    Ok(repository)
 }
 
 fn head_oid(repository: &git2::Repository) -> std::result::Result<Oid, git2::Error> {

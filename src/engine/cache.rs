@@ -175,11 +175,7 @@ pub async fn entries(
             key: info.meta.key,
         });
     }
-    entries.sort_by(|a, b| {
-        b.last_used_at
-            .cmp(&a.last_used_at)
-            .then_with(|| a.key.cmp(&b.key))
-    });
+    sort_by_last_use(&mut entries);
     Ok(entries)
 }
 
@@ -210,12 +206,28 @@ pub async fn evict(
         else {
             break;
         };
-        let entry = remaining.remove(index);
-        provider.remove_layer(&entry.key).await?;
+        let mut entry = remaining.remove(index);
+        if let Err(error) = provider.remove_layer(&entry.key).await {
+            // Another process may have started on the layer since the list: keep it.
+            tracing::warn!(layer_key = %entry.key, error = %error, "cannot evict a layer; keeping it");
+            entry.in_use = true;
+            remaining.push(entry);
+            sort_by_last_use(&mut remaining);
+            continue;
+        }
         usage.forget(&entry.key).await;
         removed.push(entry);
     }
     Ok(removed)
+}
+
+/// Sorts entries most recently used first, ties by key.
+fn sort_by_last_use(entries: &mut [CacheEntry]) {
+    entries.sort_by(|a, b| {
+        b.last_used_at
+            .cmp(&a.last_used_at)
+            .then_with(|| a.key.cmp(&b.key))
+    });
 }
 
 fn state_of(kind: LayerKind) -> &'static str {

@@ -527,9 +527,13 @@ async fn restart_re_adopts_workspace_containers() {
     );
     assert_eq!(restarted.output(&id, "cat notes.txt").await, "kept\n");
 
-    restarted.output(&id, "echo again >> notes.txt").await;
+    restarted
+        .output(&id, "echo again >> notes.txt; sleep 919 > /dev/null 2>&1 &")
+        .await;
     let crashed = restarted.restart(true);
     assert_eq!(crashed.output(&id, "cat notes.txt").await, "kept\nagain\n");
+    let processes = crashed.output(&id, "ps").await;
+    assert!(!processes.contains("sleep 919"), "{processes}");
     let reset = crashed
         .request("POST", &format!("/workspaces/{id}/reset"), None)
         .await;
@@ -572,4 +576,105 @@ async fn docker_worker_serves_a_controller() {
     drop(controller);
     drop(cluster);
     docker::remove_layers_of(&name);
+}
+
+/// A checkout that a command replaced with a link to a host path is refused by fetch: the fetch
+/// runs on the host and must never open, update or copy in a host repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_a_linked_checkout() {
+    let repository = sample_repository();
+    let (derrick, id) = started(&repository).await;
+    let host = tempfile::tempdir().expect("temporary folder");
+    let host_repository = host.path().join("repository");
+    let cloned = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(repository.path())
+        .arg(&host_repository)
+        .status()
+        .expect("git clone");
+    assert!(cloned.success());
+    std::fs::write(host_repository.join("secret.txt"), "host secret\n").expect("secret");
+    let host_head = repository.head();
+    repository.write("later.txt", "later\n");
+    repository.commit("later");
+
+    let link = format!(
+        "rm -rf code/app && ln -s {} code/app",
+        host_repository.display()
+    );
+    derrick.output(&id, &link).await;
+    let fetched = derrick
+        .request("POST", &format!("/workspaces/{id}/fetch"), None)
+        .await;
+    assert_eq!(fetched.status, 400, "{}", fetched.body);
+    let message = fetched.body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("is not a folder"), "{message}");
+    assert!(
+        !message.contains(&host.path().display().to_string()),
+        "{message}"
+    );
+    let head = Command::new("git")
+        .arg("-C")
+        .arg(&host_repository)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .expect("git rev-parse");
+    assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), host_head);
+    let listing = derrick.output(&id, "ls code/app/ 2>&1 || true").await;
+    assert!(!listing.contains("secret.txt"), "{listing}");
+}
+
+#[test]
+fn cpus_beyond_the_engine_stop_start_up() {
+    let folder = tempfile::tempdir().expect("temporary folder");
+    let repository = sample_repository();
+    let mut configuration = config(repository.path().display(), "");
+    configuration["docker"] = json!({ "cpus": 1000 });
+    let host =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned());
+    let stderr = failed_start(
+        folder.path(),
+        &configuration,
+        &["--base-image", docker::test_image()],
+        &host,
+    );
+    assert!(stderr.contains("`docker.cpus` is 1000"), "{stderr}");
+    assert!(stderr.contains("give at most"), "{stderr}");
+}
+
+/// Derricks on one engine share layer images, so one that evicts (`--cache-max-bytes`) keeps
+/// every layer that another derrick's container runs, and that derrick can still reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_other_derricks_layers() {
+    let repository = sample_repository();
+    let (other, id) = started(&repository).await;
+    let record = other.get(&format!("/workspaces/{id}")).await.body;
+    let setup_key = record["layers"][2]["key"]
+        .as_str()
+        .expect("setup key")
+        .to_owned();
+
+    let evicting = Derrick::start_provider(
+        Transport::Http,
+        ProviderKind::Docker,
+        &config(repository.path().display(), "echo other setup"),
+        &["--cache-max-bytes", "1"],
+        &[],
+    );
+    let created = evicting.create_id().await;
+    assert!(!created.is_empty());
+    let image = Command::new("docker")
+        .args(["image", "inspect", &format!("derrick-layer:{setup_key}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker image inspect");
+    assert!(
+        image.success(),
+        "the other derrick's setup layer was evicted"
+    );
+    let reset = other
+        .request("POST", &format!("/workspaces/{id}/reset"), None)
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
 }

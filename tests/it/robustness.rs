@@ -252,3 +252,47 @@ async fn unusable_create_env_is_rejected() {
         json!([])
     );
 }
+
+/// A fetch runs on the host, so a checkout that a command pointed elsewhere (`core.worktree`,
+/// alternates, a gitfile) is refused with a 400, and nothing is written outside the workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_redirected_checkouts() {
+    let repository = one_commit_repository();
+    let derrick = Derrick::start(&config(repository.path().display(), ""));
+    let outside = tempfile::tempdir().expect("temporary folder");
+    let outside_path = outside.path().display().to_string();
+    repository.write("new-file.txt", "new\n");
+    repository.commit("two");
+
+    let cases = [
+        (
+            format!("git -C code/app config core.worktree {outside_path}"),
+            "sets `core.worktree` to another folder",
+        ),
+        (
+            format!("echo {outside_path} > code/app/.git/objects/info/alternates"),
+            "has `.git/objects/info/alternates`",
+        ),
+        (
+            format!("rm -rf code/app/.git && echo 'gitdir: {outside_path}' > code/app/.git"),
+            "has no `.git` folder of its own",
+        ),
+    ];
+    for (attack, reason) in cases {
+        let id = derrick.create_id().await;
+        derrick.output(&id, &attack).await;
+        let fetched = derrick
+            .request("POST", &format!("/workspaces/{id}/fetch"), None)
+            .await;
+        assert_eq!(fetched.status, 400, "{attack}: {}", fetched.body);
+        let message = fetched.body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(reason), "{attack}: {message}");
+        assert!(message.contains("`/code/app`"), "{attack}: {message}");
+        assert!(!message.contains(&outside_path), "{message}");
+        let written = std::fs::read_dir(outside.path()).expect("outside").count();
+        assert_eq!(
+            written, 0,
+            "{attack}: the fetch wrote outside the workspace"
+        );
+    }
+}

@@ -223,11 +223,10 @@ pub(super) fn remove_later(docker: &Docker, container: String) {
     });
 }
 
-/// A container of derrick's scope: its id, its name without the leading `/`, and its labels.
+/// A container of derrick's scope: its id and its name without the leading `/`.
 pub(super) struct Listed {
     pub id: String,
     pub name: String,
-    pub labels: HashMap<String, String>,
 }
 
 /// Lists every container of `scope`, running or not.
@@ -254,9 +253,32 @@ pub(super) async fn list(docker: &Docker, scope: &str) -> Result<Vec<Listed>> {
             Some(Listed {
                 id: container.id?,
                 name,
-                labels: container.labels.unwrap_or_default(),
             })
         })
+        .collect())
+}
+
+/// Returns the layer keys that any derrick container on the engine runs, whatever its scope:
+/// derricks sharing an engine share layer images.
+pub(super) async fn layers_in_use(docker: &Docker) -> Result<Vec<String>> {
+    let options = ListContainersOptions {
+        all: true,
+        filters: Some(HashMap::from([(
+            "label".to_owned(),
+            vec![LABEL_LAYER.to_owned()],
+        )])),
+        ..Default::default()
+    };
+    let containers = bounded(
+        "list containers",
+        "every derrick scope",
+        API_TIMEOUT,
+        docker.list_containers(Some(options)),
+    )
+    .await?;
+    Ok(containers
+        .into_iter()
+        .filter_map(|container| container.labels?.remove(LABEL_LAYER))
         .collect())
 }
 

@@ -220,9 +220,10 @@ pub(super) async fn list(docker: &Docker) -> Result<Vec<(LayerMeta, u64)>> {
 /// Removing a missing layer succeeds.
 pub(super) async fn remove(docker: &Docker, key: &LayerKey) -> Result<()> {
     let image = image_of(key);
-    // Without `force` the engine refuses to untag an image that a container runs.
+    // Without `force` the engine refuses to untag an image that a container runs, which is what
+    // keeps a workspace able to reset: its container is recreated from the tag.
     let options = RemoveImageOptions {
-        force: true,
+        force: false,
         noprune: false,
         ..Default::default()
     };

@@ -110,6 +110,7 @@ impl DockerProvider {
     /// cannot be pulled; `internal` when the cache folder cannot be created.
     pub async fn connect(options: DockerOptions) -> Result<DockerProvider> {
         let docker = client::connect().await?;
+        check_cpus(&docker, &options.settings).await?;
         layers::ensure_image(&docker, &options.base_image).await?;
         let temporary = options.cache_dir.join("docker-tmp");
         let (created, state_dir) = (temporary.clone(), options.state_dir.clone());
@@ -424,7 +425,11 @@ impl Provider for DockerProvider {
         if !ours || !image_known {
             return Ok(false);
         }
-        if !found.running {
+        if found.running {
+            // Commands of the earlier derrick lost their requests; background ones go too, as
+            // the local provider's re-adoption does.
+            exec::kill(&self.docker, &found.id, None, Duration::ZERO).await?;
+        } else {
             containers::start(&self.docker, &found.id).await?;
         }
         self.insert(id, found.id, layers.to_vec());
@@ -457,14 +462,11 @@ impl Provider for DockerProvider {
         layers::remove(&self.docker, key).await
     }
 
-    /// Returns the layers that the containers of this derrick's scope run, spares included.
+    /// Returns the layers that any derrick container on the engine runs, spares and other
+    /// derricks' workspaces included, because derricks on one engine share layer images.
     async fn environment_layers(&self) -> Result<BTreeSet<LayerKey>> {
-        let containers = containers::list(&self.docker, &self.scope).await?;
-        Ok(containers
-            .iter()
-            .filter_map(|container| container.labels.get(LABEL_LAYER))
-            .filter_map(|key| LayerKey::parse(key))
-            .collect())
+        let keys = containers::layers_in_use(&self.docker).await?;
+        Ok(keys.iter().filter_map(|key| LayerKey::parse(key)).collect())
     }
 
     async fn destroy(&self, id: &WorkspaceId) -> Result<()> {
@@ -484,6 +486,32 @@ impl Provider for DockerProvider {
         };
         containers::remove(&self.docker, &container).await
     }
+}
+
+/// Refuses a `docker.cpus` limit above the engine's CPU count, which the engine would reject at
+/// every container start.
+async fn check_cpus(docker: &Docker, settings: &DockerSettings) -> Result<()> {
+    let Some(nano_cpus) = settings.nano_cpus else {
+        return Ok(());
+    };
+    let info = client::bounded(
+        "read",
+        "the engine's info",
+        client::API_TIMEOUT,
+        docker.info(),
+    )
+    .await?;
+    let Some(cpus) = info.ncpu.and_then(|count| u64::try_from(count).ok()) else {
+        return Ok(());
+    };
+    if nano_cpus > cpus * 1_000_000_000 {
+        return Err(Error::invalid_request(format!(
+            "the configuration's `docker.cpus` is {}, but the docker engine has {cpus} CPUs; give \
+             at most {cpus}",
+            nano_cpus as f64 / 1e9
+        )));
+    }
+    Ok(())
 }
 
 /// Tells whether `layers` ends in a setup layer: the engine stacks base, repositories and setup,

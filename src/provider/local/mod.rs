@@ -145,7 +145,7 @@ impl LocalProvider {
         let layout = Layout::new(cache_dir);
         if !layout.layers().is_dir() || !layout.tmp().is_dir() {
             return Err(Error::invalid_request(format!(
-                "{} is not a derrick cache (it has no layers and tmp folders); give the --cache-dir of a derrick",
+                "{} is not a derrick cache (it has no layers and tmp folders); give the --cache-dir of a derrick, and -p docker for a docker cache",
                 layout.cache().display()
             )));
         }
