@@ -80,6 +80,9 @@ pub struct RemoteNats {
     /// get `provider_unavailable`, so that the transports' graceful shutdown ends.
     abandon: CancellationToken,
     abandon_task: JoinHandle<()>,
+    /// When the controller connected. Until `WORKER_SILENCE` has passed, some live workers may
+    /// not have sent a heartbeat yet, so a list waits for every reply instead of the known ones.
+    started: Instant,
 }
 
 /// The controller's record of one worker.
@@ -134,6 +137,7 @@ impl RemoteNats {
             heartbeats,
             abandon,
             abandon_task,
+            started: Instant::now(),
         };
 
         let deadline = Instant::now() + DISCOVERY_WAIT;
@@ -360,7 +364,8 @@ impl RemoteNats {
         let mut answered = HashSet::new();
         let mut workspaces = Vec::new();
         let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
-        while expected.is_empty() || !expected.is_subset(&answered) {
+        let all_known = self.started.elapsed() >= WORKER_SILENCE;
+        while !all_known || expected.is_empty() || !expected.is_subset(&answered) {
             let message = match tokio::time::timeout_at(deadline, replies.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) | Err(_) => break,
