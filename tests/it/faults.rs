@@ -135,9 +135,9 @@ async fn create_in_background(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_during_create_keeps_the_setup_running() {
     let repository = sample_repository();
-    let setup = "sleep 1.7; echo done > setup.txt";
+    let setup = "sleep 3.1; echo done > setup.txt";
     let derrick = Derrick::start(&config(repository.path().display(), setup));
-    let (id, creating) = create_in_background(&derrick, "sleep 1.7").await;
+    let (id, creating) = create_in_background(&derrick, "sleep 3.1").await;
 
     let reset = derrick
         .request("POST", &format!("/workspaces/{id}/reset"), None)

@@ -56,7 +56,7 @@ async fn idle_workspaces_are_destroyed() {
     let repository = sample_repository();
     let derrick = Derrick::start_with(
         &config(repository.path().display(), ""),
-        &["--idle-timeout", "1"],
+        &["--idle-timeout", "2"],
         &[],
     );
     let idle = derrick.create_id().await;
@@ -66,7 +66,7 @@ async fn idle_workspaces_are_destroyed() {
     let long_command = {
         let url = format!("{}/workspaces/{busy}/cmd_with_output", derrick.base_url());
         tokio::spawn(async move {
-            let body = json!({ "cmd": "sleep 3; echo done" });
+            let body = json!({ "cmd": "sleep 4; echo done" });
             let response = reqwest::Client::new().post(url).json(&body).send().await;
             response
                 .expect("reply")
@@ -104,13 +104,13 @@ async fn idle_workspaces_are_destroyed() {
 async fn idle_clock_starts_after_slow_create() {
     let repository = sample_repository();
     let derrick = Derrick::start_with(
-        &config(repository.path().display(), "sleep 2"),
-        &["--idle-timeout", "1"],
+        &config(repository.path().display(), "sleep 3"),
+        &["--idle-timeout", "2"],
         &[],
     );
     let id = derrick.create_id().await;
-    // Half the idle timeout: the reaper checks every 250 ms and would have destroyed a workspace
-    // whose idle clock started with its 2-second create.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Half the idle timeout: the reaper checks every 500 ms, twice in this wait, and would have
+    // destroyed a workspace whose idle clock started with its 3-second create.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(derrick.output(&id, "echo kept").await, "kept\n");
 }
