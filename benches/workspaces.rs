@@ -155,13 +155,7 @@ async fn command_overhead(layers: &str) {
         &["--layers", layers],
         &[],
     );
-    let id = over_nats.create_id().await;
-    let mut samples = Vec::new();
-    for _ in 0..SAMPLES * 10 {
-        let started = Instant::now();
-        over_nats.run(&id, "true").await;
-        samples.push(started.elapsed());
-    }
+    let mut samples = time_true_commands(&over_nats).await;
     report(
         &format!("`cmd_with_output` of `true` over NATS ({layers})"),
         &mut samples,
@@ -171,13 +165,7 @@ async fn command_overhead(layers: &str) {
     // comparable with the overlay rows.
     let cluster = Cluster::start(&configuration, 1);
     let controller = cluster.controller(&configuration);
-    let id = controller.create_id().await;
-    let mut samples = Vec::new();
-    for _ in 0..SAMPLES * 10 {
-        let started = Instant::now();
-        controller.run(&id, "true").await;
-        samples.push(started.elapsed());
-    }
+    let mut samples = time_true_commands(&controller).await;
     report(
         "`cmd_with_output` of `true`, HTTP controller, NATS, worker",
         &mut samples,
@@ -364,6 +352,18 @@ fn discarded_containers(scope: &str) -> usize {
         .output()
         .expect("docker ps");
     String::from_utf8_lossy(&listed.stdout).lines().count()
+}
+
+/// Creates a workspace and times `SAMPLES * 10` runs of `cmd_with_output` of `true` in it.
+async fn time_true_commands(derrick: &Derrick) -> Vec<Duration> {
+    let id = derrick.create_id().await;
+    let mut samples = Vec::new();
+    for _ in 0..SAMPLES * 10 {
+        let started = Instant::now();
+        derrick.run(&id, "true").await;
+        samples.push(started.elapsed());
+    }
+    samples
 }
 
 fn report(name: &str, samples: &mut [Duration]) {

@@ -395,8 +395,8 @@ async fn serve_command(cli: &Cli) -> anyhow::Result<()> {
 /// Logs one warning naming the flags that a `-p remote_nats` controller ignores because the
 /// workers run the workspaces.
 ///
-/// NOTE: a flag counts as given when its value differs from the default, so one given with its
-/// default value is not named; clap's `value_source` would need the `ArgMatches` that
+/// NOTE: a flag counts as set when its value differs from the default, so one set to its default
+/// value is not named. clap's `value_source` would tell, but it needs the `ArgMatches` that
 /// `Cli::parse` does not keep.
 fn warn_ignored_by_controller(cli: &Cli) {
     let store = &cli.store;

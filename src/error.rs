@@ -251,8 +251,8 @@ pub(crate) fn samples() -> Vec<Error> {
 mod tests {
     use super::*;
 
-    /// The position of `error`'s variant in `samples`. The match has no wildcard, so a new
-    /// variant does not compile until it is added here and to `samples`.
+    /// Returns the position of `error`'s variant in `samples`. The match has no wildcard, so a
+    /// new variant does not compile until it is added here and to `samples`.
     fn variant_index(error: &Error) -> usize {
         match error {
             Error::InvalidRequest(_) => 0,

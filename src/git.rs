@@ -950,15 +950,15 @@ fn tracked_files_unchanged(
     Ok(repository.statuses(Some(&mut options))?.is_empty())
 }
 
-/// Opens the checkout at `destination` (a host path) for an update, refusing one that a command
-/// in the workspace turned into a way out: derrick runs this on the host, often as root, so the
-/// checkout must be the plain folder with its own `.git` folder that derrick made, whose Git
-/// configuration points nowhere else (no `core.worktree`, gitfile, `commondir` or alternates).
+/// Opens the checkout at `destination` (a host path) for an update, rejecting one that a command
+/// in the workspace redirected. derrick runs this on the host, often as root, so the checkout must
+/// be the plain folder with its own `.git` folder that derrick made, and its Git configuration must
+/// point nowhere else (no `core.worktree`, gitfile, `commondir` or alternates).
 ///
 /// # Errors
 /// `invalid_request` naming the checkout's workspace path, never the host path.
 fn open_checkout(checkout: &Checkout, destination: &Path) -> Result<git2::Repository> {
-    let refuse = |reason: &str| {
+    let rejected = |reason: &str| {
         Error::invalid_request(format!(
             "the checkout at `{}` {reason}, so derrick will not update it; restore it (a reset \
              does) or leave it as derrick checked it out",
@@ -968,35 +968,37 @@ fn open_checkout(checkout: &Checkout, destination: &Path) -> Result<git2::Reposi
     let is_plain_folder = |path: &Path| {
         std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_dir())
     };
+
     let git_dir = destination.join(".git");
     if !is_plain_folder(destination) {
-        return Err(refuse(
+        return Err(rejected(
             "is not a folder (a command replaced it, with a link for example)",
         ));
     }
     if !is_plain_folder(&git_dir) {
-        return Err(refuse("has no `.git` folder of its own"));
+        return Err(rejected("has no `.git` folder of its own"));
     }
     for redirect in ["commondir", "objects/info/alternates"] {
         if std::fs::symlink_metadata(git_dir.join(redirect)).is_ok() {
-            return Err(refuse(&format!(
+            return Err(rejected(&format!(
                 "has `.git/{redirect}`, which points to other repositories"
             )));
         }
     }
+
     let repository = git2::Repository::open_ext(
         destination,
         git2::RepositoryOpenFlags::NO_SEARCH,
         std::iter::empty::<&std::ffi::OsStr>(),
     )
-    .map_err(|_| refuse("is not a Git repository any more"))?;
+    .map_err(|_| rejected("is not a Git repository any more"))?;
     let canonical = |path: &Path| std::fs::canonicalize(path).ok();
     let work_tree = repository.workdir().and_then(canonical);
     if work_tree.is_none() || work_tree != canonical(destination) {
-        return Err(refuse("sets `core.worktree` to another folder"));
+        return Err(rejected("sets `core.worktree` to another folder"));
     }
     if canonical(repository.path()) != canonical(&git_dir) {
-        return Err(refuse("uses a Git folder elsewhere"));
+        return Err(rejected("uses a Git folder elsewhere"));
     }
     Ok(repository)
 }

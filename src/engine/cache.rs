@@ -18,9 +18,9 @@ use super::provider::{LayerInfo, Provider};
 use crate::error::{Error, Result};
 use crate::keys::{LayerKey, LayerKind};
 
-/// A lock on `<cache>/lock`. Every derrick, worker and warm job holds it shared while it uses the
-/// cache, and `derrick cache prune` holds it exclusively, so a prune never removes a layer under a
-/// running process, whatever state folder each one names.
+/// A lock on `<cache>/lock`. Every derrick, worker and warm job locks it shared while it uses the
+/// cache, and `derrick cache prune` locks it exclusively. So a prune never removes a layer under
+/// a running process, whatever state folder each one names.
 #[derive(Debug)]
 pub struct CacheLock {
     _lock: nix::fcntl::Flock<std::fs::File>,

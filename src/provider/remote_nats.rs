@@ -11,7 +11,7 @@
 //! rather than empty.
 //!
 //! Workers publish a heartbeat every second. A worker whose last heartbeat is older than
-//! `WORKER_SILENCE`, or that said it stops, is gone: operations on its workspaces get
+//! `WORKER_SILENCE`, or that announced its stop, is gone. Operations on its workspaces then get
 //! `provider_unavailable` at once, and a request already waiting for it gets the same error as
 //! soon as the silence is noticed. No request has a deadline of its own otherwise, so a command
 //! runs for as long as its `timeout` allows while its worker lives, until a shutdown's grace has
@@ -172,8 +172,8 @@ impl RemoteNats {
         status.last_seen = Instant::now();
     }
 
-    /// Checks that `worker` is live; `role` says what it is to the request, such as
-    /// "the owner of workspace `ws-…`".
+    /// Checks that `worker` is live. `role` names it in the error, such as "the owner of
+    /// workspace `ws-…`".
     fn check_live(&self, worker: &str, role: &str) -> Result<()> {
         let status = self
             .workers
@@ -197,7 +197,7 @@ impl RemoteNats {
     }
 
     /// Waits until `worker` is no longer live, or until the shutdown's grace has passed, and
-    /// returns the error that says so.
+    /// returns the matching error.
     async fn until_gone(&self, worker: &str, role: &str) -> Error {
         loop {
             tokio::select! {
@@ -355,8 +355,8 @@ impl RemoteNats {
         Ok((worker, created))
     }
 
-    /// Asks every worker for its workspaces, learns their owners, and returns the replies of the
-    /// workers that answered within `LIST_TIMEOUT`.
+    /// Requests every worker's workspaces, records their owners, and returns the replies that
+    /// arrived within `LIST_TIMEOUT`.
     async fn gather(&self) -> Result<Vec<api::WorkspaceSummary>> {
         let subject = worker::list_subject(&self.prefix);
         let mut replies = self.publish_request(&subject, Vec::new()).await?;
@@ -390,13 +390,13 @@ impl RemoteNats {
             answered.insert(worker);
         }
         for silent in expected.difference(&answered) {
-            warn!(worker = %silent, "worker did not answer the list in time");
+            warn!(worker = %silent, "worker did not reply to the list in time");
         }
         if answered.is_empty() {
             // An empty list would claim that no workspace exists, while the workers that hold
             // them may only be stopped or unreachable.
             return Err(Error::ProviderUnavailable(format!(
-                "no derrick worker answered `{subject}` within {} s, so the workspaces cannot be \
+                "no derrick worker replied to `{subject}` within {} s, so the workspaces cannot be \
                  listed; start a worker with `derrick worker`, or check the workers' connection \
                  to NATS",
                 LIST_TIMEOUT.as_secs()
@@ -423,8 +423,8 @@ impl Service for RemoteNats {
             return created;
         }
 
-        // The queue group cannot skip a full worker, so the other live workers are asked in turn
-        // on their own subjects, each at most once.
+        // The queue group cannot skip a full worker, so the create goes to each other live
+        // worker's own subject in turn, once per worker.
         let mut full = vec![worker];
         let mut others: Vec<String> = self.live_workers().into_iter().collect();
         others.sort_unstable();
@@ -441,7 +441,7 @@ impl Service for RemoteNats {
                 }
             }
         }
-        info!(workers = %full.join(", "), "every live worker refused the create as full");
+        info!(workers = %full.join(", "), "every live worker rejected the create as full");
         Err(Error::Forwarded {
             code: "workspace_limit_reached",
             message: format!(

@@ -149,7 +149,12 @@ impl IntoResponse for ApiError {
 /// Returns the HTTP status of an error, decided by its code, so that an error a worker returned
 /// gets the same status as the one it stands for.
 pub fn status_of(error: &Error) -> StatusCode {
-    match error.code() {
+    status_of_code(error.code())
+}
+
+/// Returns the HTTP status of an error code of the wire contract; 500 for an unknown one.
+pub fn status_of_code(code: &str) -> StatusCode {
+    match code {
         "invalid_request" | "invalid_base64" | "path_outside_workspace" => StatusCode::BAD_REQUEST,
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "workspace_not_found" | "file_not_found" | "not_found" => StatusCode::NOT_FOUND,

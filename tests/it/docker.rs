@@ -508,8 +508,7 @@ impl EngineProxy {
 }
 
 /// A restarted docker derrick re-adopts its workspace containers with their changes, after a
-/// SIGTERM (which keeps the containers) and after a SIGKILL, and removes spares it no longer
-/// knows.
+/// SIGTERM (which keeps the containers) and after a SIGKILL, whose leftover processes it kills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_re_adopts_workspace_containers() {
     let repository = sample_repository();

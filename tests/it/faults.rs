@@ -120,10 +120,7 @@ async fn create_in_background(
         let status = response.status().as_u16();
         (status, response.json().await.expect("json"))
     });
-    let started = crate::support::derrick::wait_until(std::time::Duration::from_secs(20), || {
-        !crate::support::derrick::processes_matching(marker).is_empty()
-    });
-    assert!(started.await, "the setup never started");
+    crate::support::derrick::wait_for_process(marker).await;
     let listed = derrick.get("/workspaces").await.body;
     let id = listed["workspaces"][0]["id"]
         .as_str()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, Reply, config, processes_matching, wait_until};
+use crate::support::derrick::{Derrick, Reply, config, wait_for_process, wait_until};
 use crate::support::nats::{NatsServer, NatsServerOptions};
 use crate::support::repos::TestRepo;
 
@@ -224,14 +224,7 @@ async fn requests_are_served_concurrently() {
             .await
         })
     };
-    assert!(
-        wait_until(Duration::from_secs(10), || !processes_matching(
-            "sleep 5; echo done"
-        )
-        .is_empty())
-        .await,
-        "the sleep never started"
-    );
+    wait_for_process("sleep 5; echo done").await;
 
     let probe = Instant::now();
     assert_eq!(
@@ -437,14 +430,7 @@ async fn shutdown_still_replies_to_running_requests() {
                 .await
         })
     };
-    assert!(
-        wait_until(Duration::from_secs(10), || !processes_matching(
-            "sleep 37; echo finished"
-        )
-        .is_empty())
-        .await,
-        "the command never started"
-    );
+    wait_for_process("sleep 37; echo finished").await;
     derrick.terminate();
 
     let reply = running.await.expect("request task");

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, Reply, config, processes_matching, wait_until};
+use crate::support::derrick::{
+    Derrick, Reply, config, processes_matching, wait_for_process, wait_until,
+};
 use crate::support::nats::NatsServer;
 use crate::support::remote::{Cluster, Worker};
 use crate::support::repos::TestRepo;
@@ -136,14 +138,7 @@ async fn killed_worker_fails_its_workspaces_only() {
                 .await
         })
     };
-    assert!(
-        wait_until(Duration::from_secs(10), || !processes_matching(
-            "sleep 83; echo finished"
-        )
-        .is_empty())
-        .await,
-        "the command never started"
-    );
+    wait_for_process("sleep 83; echo finished").await;
     let killed_at = Instant::now();
     cluster.workers[0].kill();
 
@@ -293,7 +288,7 @@ async fn restarted_controller_finds_owners() {
     check_error(&missing, 404, "workspace_not_found", "unknown id");
 }
 
-/// A worker stopped with SIGTERM says so in a last heartbeat, so its workspaces fail at once
+/// A worker stopped with SIGTERM announces it in a last heartbeat, so its workspaces fail at once
 /// instead of after the silence bound, and creates fail with a clear error once no worker runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_worker_is_unavailable_at_once() {
@@ -329,12 +324,12 @@ async fn stopped_worker_is_unavailable_at_once() {
     let listed = controller.get("/workspaces").await;
     let message = check_error(&listed, 503, "provider_unavailable", "list");
     assert!(
-        message.contains("no derrick worker answered `derrick.worker.list`"),
+        message.contains("no derrick worker replied to `derrick.worker.list`"),
         "{message}"
     );
 }
 
-/// With the NATS server down, the controller answers `503 provider_unavailable` naming NATS,
+/// With the NATS server down, the controller replies `503 provider_unavailable` naming NATS,
 /// for a list as for an operation on a known workspace, instead of an empty list, and a worker
 /// stopped with SIGTERM exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +349,10 @@ async fn controller_without_nats_is_unavailable() {
         if message.contains("not connected to NATS") || Instant::now() > deadline {
             break message;
         }
-        assert!(message.contains("no derrick worker answered"), "{message}");
+        assert!(
+            message.contains("no derrick worker replied to"),
+            "{message}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
@@ -427,7 +425,7 @@ async fn long_command_replies_through_a_worker() {
 
 /// Two workers with `--max-workspaces 1`: the second create reaches the worker that still has
 /// room, whichever worker the queue group picks, and the third is `429 workspace_limit_reached`
-/// naming both workers, as a full local derrick answers.
+/// naming both workers, as a full local derrick replies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_worker_passes_create_on() {
     let (_repository, config) = sample_config();
@@ -527,12 +525,7 @@ async fn controller_shutdown_honours_grace() {
             (status, reply.json::<Value>().await.expect("json body"))
         })
     };
-    assert!(
-        wait_until(Duration::from_secs(10), || !processes_matching(command)
-            .is_empty())
-        .await,
-        "the command never started"
-    );
+    wait_for_process(command).await;
 
     let stopped_at = Instant::now();
     controller.terminate();

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::derrick::{Derrick, config, processes_matching, wait_until};
+use crate::support::derrick::{Derrick, config, processes_matching, wait_for_process, wait_until};
 use crate::support::repos::TestRepo;
 
 fn one_commit_repository() -> TestRepo {
@@ -40,13 +40,6 @@ fn command_in_background(
             .ok()?;
         response.json().await.ok()
     })
-}
-
-async fn wait_for_process(needle: &str) {
-    let started = wait_until(Duration::from_secs(10), || {
-        !processes_matching(needle).is_empty()
-    });
-    assert!(started.await, "`{needle}` did not start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

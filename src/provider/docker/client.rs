@@ -2,7 +2,7 @@
 //!
 //! Every call goes through [`bounded`], so an engine that accepts a connection and then stays
 //! silent becomes `provider_unavailable` instead of a hang. A refused connection, a missing
-//! socket or a timeout is `provider_unavailable`; an answer with an error status is `internal`,
+//! socket or a timeout is `provider_unavailable`; a reply with an error status is `internal`,
 //! except where a caller checks [`is_not_found`] first.
 
 use std::fmt;
@@ -15,7 +15,7 @@ use bollard::errors::Error as BollardError;
 use crate::error::Error;
 
 /// Bound on one API call that does not wait for a container's work (inspect, create, rename,
-/// stat, a small upload). The engine answers these in milliseconds; 30 s leaves room for a
+/// stat, a small upload). The engine replies to these in milliseconds, and 30 s leaves room for a
 /// loaded machine and still turns a stuck engine into an error well before a client gives up.
 pub(super) const API_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,7 +71,7 @@ pub(super) async fn bounded<T>(
     }
 }
 
-/// Like [`bounded`], but returns `None` for an answer of 404 (no such container, image, file or
+/// Like [`bounded`], but returns `None` for a 404 reply (no such container, image, file or
 /// exec).
 pub(super) async fn bounded_optional<T>(
     op: &str,

@@ -140,7 +140,7 @@ impl LocalProvider {
     /// created, no mount or cgroup probed, so it is safe beside a running derrick.
     ///
     /// # Errors
-    /// `invalid_request` when `cache_dir` holds no derrick cache.
+    /// `invalid_request` when `cache_dir` contains no derrick cache.
     pub fn inspect(cache_dir: PathBuf) -> Result<LocalProvider> {
         let layout = Layout::new(cache_dir);
         if !layout.layers().is_dir() || !layout.tmp().is_dir() {

@@ -88,7 +88,7 @@ struct OkBody<T> {
     ok: T,
 }
 
-/// Whose subjects a server answers.
+/// The subjects a server replies on.
 enum Role {
     /// The contract's subjects, `<prefix>.<operation>`, for controllers and clients.
     Contract,
@@ -345,12 +345,12 @@ fn ok<T: Serialize>(value: T) -> Result<Vec<u8>, Error> {
         .map_err(|error| Error::internal("cannot encode the nats reply", error))
 }
 
-/// What the `payload_too_large` reply of a contract request advises.
+/// The advice in the `payload_too_large` reply of a contract request.
 const CONTRACT_SIZE_HINT: &str = "request less data (a smaller file, a command with less output), \
     raise max_payload in the server's configuration, or use the HTTP transport, which carries \
     files of up to 64 MiB";
 
-/// What the `payload_too_large` reply of a worker advises. The HTTP transport is no way out here,
+/// The advice in the `payload_too_large` reply of a worker. The HTTP transport is no way out here,
 /// because a controller reaches its workers over NATS whatever transport it serves.
 const WORKER_SIZE_HINT: &str = "request less data (a smaller file, a command with less output) or \
     raise max_payload in the NATS server's configuration; workers reply over NATS whatever \

@@ -2,7 +2,7 @@
 //! worker subjects of `api::worker`, and publishes a heartbeat every `HEARTBEAT_INTERVAL`.
 //!
 //! The worker takes creates from a queue group shared with the other workers, and owns the
-//! workspaces it creates: later operations on them arrive on subjects that carry its id, so it
+//! workspaces it creates. Later operations on them arrive on subjects that carry its id, so it
 //! does not start when a live worker already replies on them. Its engine fills its own Git
 //! mirrors, so repository credentials stay on the worker's machine.
 
@@ -22,11 +22,11 @@ use crate::service::Service;
 pub use crate::api::worker::HEARTBEAT_INTERVAL;
 
 /// How long the start-up check of the worker id waits for a worker that already uses it. A live
-/// worker answers `health` from memory within milliseconds, and the NATS server answers "no
+/// worker replies to `health` from memory within milliseconds, and the NATS server replies "no
 /// responders" at once when nothing subscribes, so only a stuck holder of the id takes this long.
 const ID_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a worker sends controllers about itself in each heartbeat.
+/// The content of a worker's heartbeat to controllers.
 #[derive(Debug, Clone)]
 pub struct WorkerIdentity {
     /// A subject token that is unique among the workers of one prefix.
@@ -113,7 +113,7 @@ pub async fn serve_worker(
 
 /// Fails when another process already serves the subjects of worker `id`, so that a second worker
 /// with the same id cannot take over the first one's workspace subjects. It sends `health` to
-/// the id's own subject: the NATS server answers "no responders" when the id is free.
+/// the id's own subject, and the NATS server replies "no responders" when the id is free.
 ///
 /// NOTE: two workers that start with the same id at the same moment can both pass this check.
 async fn check_id_unused(client: &Client, prefix: &str, id: &str) -> Result<(), NatsError> {

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use derrick::error::Error;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -623,61 +622,13 @@ pub fn read_log(
     (log, address_rx)
 }
 
-/// Returns the HTTP status of an error code, from derrick's own mapping (`status_of`).
+/// Returns the HTTP status of an error code, from derrick's own mapping.
 pub fn status_of_code(code: &str) -> u16 {
-    let text = || "x".to_owned();
-    let samples = [
-        Error::InvalidRequest(text()),
-        Error::InvalidBase64 {
-            field: "content",
-            reason: text(),
-        },
-        Error::PathOutsideWorkspace { path: text() },
-        Error::Unauthorized,
-        Error::WorkspaceNotFound { id: text() },
-        Error::RouteNotFound {
-            method: text(),
-            path: text(),
-        },
-        Error::FileNotFound {
-            id: text(),
-            path: text(),
-        },
-        Error::InvalidTransition {
-            id: text(),
-            state: text(),
-            op: text(),
-            allowed: text(),
-        },
-        Error::PayloadTooLarge {
-            what: text(),
-            size: 2,
-            limit: 1,
-        },
-        Error::CommandFailed {
-            exit_code: 1,
-            output: text(),
-            truncated: false,
-        },
-        Error::SetupFailed {
-            id: text(),
-            exit_code: 1,
-            output: text(),
-        },
-        Error::GitFailed {
-            step: "fetch",
-            url: text(),
-            reason: text(),
-        },
-        Error::WorkspaceLimitReached { limit: 1 },
-        Error::ProviderUnavailable(text()),
-        Error::Internal(text()),
-    ];
-    let sample = samples
-        .iter()
-        .find(|error| error.code() == code)
-        .unwrap_or_else(|| panic!("unknown error code `{code}`; add it to status_of_code"));
-    derrick::transport::http::status_of(sample).as_u16()
+    assert!(
+        derrick::error::CODES.contains(&code),
+        "unknown error code `{code}` in a reply"
+    );
+    derrick::transport::http::status_of_code(code).as_u16()
 }
 
 /// Turns an HTTP method and path into a NATS operation and the workspace id it names.
@@ -791,6 +742,14 @@ pub async fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool)
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     condition()
+}
+
+/// Waits until a process whose command line contains `needle` runs, failing the test after 20 s.
+pub async fn wait_for_process(needle: &str) {
+    let started = wait_until(Duration::from_secs(20), || {
+        !processes_matching(needle).is_empty()
+    });
+    assert!(started.await, "`{needle}` did not start");
 }
 
 /// Builds a configuration with one repository at `/code/app` and a setup script.
